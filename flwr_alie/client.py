@@ -1,0 +1,256 @@
+"""Client side of the ALIE attack: mark a node Byzantine.
+
+Baruch, Baruch and Goldberg, "A Little Is Enough", NeurIPS 2019. The crafted update
+needs the statistics of the round's honest updates, which the server-side wrapper
+(:mod:`flwr_alie.strategy`) computes; the client side only tags a Byzantine node's
+train reply (and may skip its local training when its own update is not needed).
+
+- :class:`ALIEClient` wraps a legacy ``Client`` or ``NumPyClient``.
+- :func:`make_alie_mod` builds a ClientApp mod for the Message API (and for legacy
+  ``client_fn`` apps alike), which decides from the node's ``partition-id`` whether
+  the node is Byzantine.
+"""
+
+from __future__ import annotations
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client import Client, NumPyClient
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Scalar,
+    Status,
+)
+from flwr.common.constant import ErrorCode
+
+from flwr_alie.config import (
+    LEGACY_TAG_PREFIX,
+    TAG_BYZANTINE,
+    TAG_PARTITION_ID,
+    TAG_RECORD_KEY,
+    TAG_SKIPPED_TRAINING,
+    ALIEConfig,
+)
+
+__all__ = ["ALIEClient", "alie_mod", "make_alie_mod"]
+
+# Weight a node that skipped training claims; the server-side wrapper replaces it
+# by the weight of a typical honest reply.
+_SKIPPED_WEIGHT = 1
+
+
+class ALIEClient(Client):
+    """A legacy Flower client acting as a Byzantine ALIE node.
+
+    ``client_fn`` returns ``ALIEClient(MyClient(...)).to_client()`` for the nodes
+    chosen to be Byzantine (e.g. with :meth:`ALIEConfig.byzantine_partitions`). Its
+    fit results carry ``alie.*`` tags in ``FitRes.metrics``, which
+    :class:`flwr_alie.strategy.ALIELegacyStrategy` reads and strips;
+    ``get_parameters``, ``get_properties`` and ``evaluate`` are delegated unchanged.
+
+    Parameters
+    ----------
+    client : Client or NumPyClient
+        The honest client; reachable as ``.client``.
+    partition_id : int, optional
+        The node's partition id, which orders the replies of a round on the server.
+    skip_training : bool
+        Skip local training and send the global model back (its update is replaced
+        on the server anyway in oracle mode). Must be False in byzantine-only mode.
+    """
+
+    def __init__(
+        self,
+        client: Client | NumPyClient,
+        *,
+        partition_id: int | None = None,
+        skip_training: bool = False,
+    ) -> None:
+        if not isinstance(client, Client | NumPyClient):
+            raise TypeError(
+                "Expected `client` to be a flwr Client or NumPyClient, got "
+                f"{type(client).__name__}"
+            )
+        if partition_id is not None and (
+            isinstance(partition_id, bool)
+            or not isinstance(partition_id, int)
+            or partition_id < 0
+        ):
+            raise ValueError(
+                "Expected `partition_id` to be a non-negative int, got "
+                f"{partition_id!r}"
+            )
+        self.client = client
+        self.partition_id = partition_id
+        self.skip_training = bool(skip_training)
+        self._delegate = client.to_client()
+
+    def _tags(self) -> dict[str, Scalar]:
+        tags: dict[str, Scalar] = {
+            LEGACY_TAG_PREFIX + TAG_BYZANTINE: True,
+            LEGACY_TAG_PREFIX + TAG_SKIPPED_TRAINING: self.skip_training,
+        }
+        if self.partition_id is not None:
+            tags[LEGACY_TAG_PREFIX + TAG_PARTITION_ID] = self.partition_id
+        return tags
+
+    def fit(self, ins: FitIns) -> FitRes:
+        """Train (unless skipping) and tag the result as Byzantine."""
+        if self.skip_training:
+            return FitRes(
+                Status(Code.OK, "Byzantine node: local training skipped"),
+                ins.parameters,
+                _SKIPPED_WEIGHT,
+                self._tags(),
+            )
+        res = self._delegate.fit(ins)
+        return FitRes(
+            res.status,
+            res.parameters,
+            res.num_examples,
+            {**res.metrics, **self._tags()},
+        )
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        """Delegate."""
+        return self._delegate.get_properties(ins)
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        """Delegate."""
+        return self._delegate.get_parameters(ins)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        """Delegate."""
+        return self._delegate.evaluate(ins)
+
+    def to_client(self) -> Client:
+        """Return this client."""
+        return self
+
+
+def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
+    """Build a ClientApp mod that makes the chosen nodes Byzantine.
+
+    Use as ``ClientApp(mods=[make_alie_mod()])``. On a train message, the mod reads
+    the node's ``partition-id`` (and ``num-partitions`` when the Byzantine nodes
+    are drawn by fraction) from ``node_config``, decides with
+    :meth:`ALIEConfig.byzantine_partitions` whether the node is Byzantine, and adds
+    a ``ConfigRecord`` under ``"alie"`` to the reply: ``byzantine``,
+    ``partition-id`` (the order of replies on the server) and
+    ``skipped-training``. A Byzantine node that skips training replies with the
+    global arrays at once. Other messages pass through untouched.
+
+    Parameters
+    ----------
+    config : ALIEConfig, optional
+        The options; ``None`` parses the ``alie.*`` keys of the run config.
+
+    Returns
+    -------
+    Mod
+        ``(message, context, call_next) -> Message``. It never raises into
+        Flower's pipeline: a setup problem comes back as an error Message whose
+        reason says how to fix it.
+    """
+
+    def alie_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        try:
+            options = (
+                config
+                if config is not None
+                else ALIEConfig.from_run_config(ctxt.run_config)
+            )
+            partition_id, num_partitions = _partition(ctxt, options)
+        except (TypeError, ValueError) as err:
+            return _error_reply(msg, f"alie_mod: {err}")
+        byzantine = partition_id in options.byzantine_partitions(num_partitions)
+        skipped = byzantine and options.skips_training
+        tag = ConfigRecord(
+            {
+                TAG_BYZANTINE: byzantine,
+                TAG_PARTITION_ID: partition_id,
+                TAG_SKIPPED_TRAINING: skipped,
+            }
+        )
+        if skipped:
+            arrays = list(msg.content.array_records.items())
+            if len(arrays) != 1:
+                return _error_reply(
+                    msg,
+                    "alie_mod: expected one ArrayRecord in the train message, got "
+                    f"{len(arrays)}",
+                )
+            key, record = arrays[0]
+            content = RecordDict(
+                {
+                    key: ArrayRecord(dict(record.items())),
+                    "metrics": MetricRecord({"num-examples": _SKIPPED_WEIGHT}),
+                    TAG_RECORD_KEY: tag,
+                }
+            )
+            return Message(content, reply_to=msg)
+        reply = call_next(msg, ctxt)
+        if reply.has_error():
+            return reply
+        if TAG_RECORD_KEY in reply.content:
+            return _error_reply(
+                msg,
+                f"alie_mod: the train reply already holds a record {TAG_RECORD_KEY!r}; "
+                "use the ALIE mod once, and do not name a record of your own so",
+            )
+        reply.content[TAG_RECORD_KEY] = tag
+        return reply
+
+    return alie_mod
+
+
+alie_mod: Mod = make_alie_mod()
+"""The ALIE mod with options parsed from each run's ``alie.*`` run-config keys."""
+
+
+def _partition(ctxt: Context, options: ALIEConfig) -> tuple[int, int]:
+    """Read ``partition-id`` and ``num-partitions`` from the node config."""
+    config = ctxt.node_config
+    partition_id = config.get("partition-id")
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int):
+        raise ValueError(
+            "the node has no integer `partition-id` in its node config "
+            f"(got {partition_id!r}); start SuperNodes with --node-config "
+            '"partition-id=<i> num-partitions=<n>" (the Simulation Engine sets it)'
+        )
+    num_partitions = config.get("num-partitions")
+    if options.byzantine_ids is not None:
+        return partition_id, 0
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
+        raise ValueError(
+            "the node has no integer `num-partitions` in its node config (got "
+            f"{num_partitions!r}), which alie.fraction needs; set it with "
+            '--node-config "partition-id=<i> num-partitions=<n>" or list the '
+            "Byzantine partitions in alie.byzantine-ids"
+        )
+    return partition_id, num_partitions
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    return Message(
+        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+    )

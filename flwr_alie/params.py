@@ -1,0 +1,222 @@
+"""The one pack/unpack pair between Flower's arrays and a torch tensor.
+
+Flower carries a model as named arrays: an ``ArrayRecord`` in the Message API, a
+``Parameters`` object (a list of NDArrays) in the legacy API. Both are read here into
+*layers*, an ordered mapping from a name to a NumPy array (legacy arrays are named by
+their position, ``"0"``, ``"1"``, ...). :func:`pack` flattens the floating-point
+layers of several updates, as differences from a reference model, into one
+``(n, d)`` tensor and returns the :class:`PackSpec` that :func:`unpack` takes to turn
+a row back into layers. Non-floating layers (BatchNorm's ``num_batches_tracked``)
+are not packed. Nothing else in flwr-alie flattens or rebuilds records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from numpy.typing import NDArray
+from torch import Tensor
+
+__all__ = [
+    "Layers",
+    "PackSpec",
+    "layers_from_parameters",
+    "layers_from_record",
+    "pack",
+    "parameters_from_layers",
+    "record_from_layers",
+    "unpack",
+]
+
+Layers = Mapping[str, NDArray[np.generic]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+    """How a packed row maps back onto named layers.
+
+    Attributes
+    ----------
+    keys, shapes, dtypes : tuple
+        Name, shape and NumPy dtype of every layer of the reference, in order.
+    offsets : tuple of int or None
+        Start of each floating layer in a packed row; ``None`` for a layer that is
+        not packed (not floating point).
+    d : int
+        Length of a packed row.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype[np.generic], ...]
+    offsets: tuple[int | None, ...]
+    d: int
+
+    @classmethod
+    def of(cls, layers: Layers) -> PackSpec:
+        """Describe `layers`: every floating layer is packed, in order."""
+        shapes: list[tuple[int, ...]] = []
+        dtypes: list[np.dtype[np.generic]] = []
+        offsets: list[int | None] = []
+        d = 0
+        for array in layers.values():
+            shapes.append(tuple(array.shape))
+            dtypes.append(array.dtype)
+            if np.issubdtype(array.dtype, np.floating):
+                offsets.append(d)
+                d += int(array.size)
+            else:
+                offsets.append(None)
+        return cls(tuple(layers), tuple(shapes), tuple(dtypes), tuple(offsets), d)
+
+    @property
+    def packed_keys(self) -> tuple[str, ...]:
+        """Names of the floating layers, which a packed row holds."""
+        return tuple(
+            k for k, o in zip(self.keys, self.offsets, strict=True) if o is not None
+        )
+
+    def check(self, layers: Layers, who: str) -> None:
+        """Raise ``ValueError`` naming `who` and the key if `layers` does not fit."""
+        if set(layers) != set(self.keys):
+            missing = sorted(set(self.keys) - set(layers))
+            extra = sorted(set(layers) - set(self.keys))
+            raise ValueError(
+                f"{who}: arrays do not match the global model: missing keys "
+                f"{missing}, unexpected keys {extra}"
+            )
+        for key, shape, dtype in zip(self.keys, self.shapes, self.dtypes, strict=True):
+            array = layers[key]
+            if tuple(array.shape) != shape:
+                raise ValueError(
+                    f"{who}: array {key!r} has shape {tuple(array.shape)}, the "
+                    f"global model's has shape {shape}"
+                )
+            if np.issubdtype(dtype, np.floating) != np.issubdtype(
+                array.dtype, np.floating
+            ):
+                raise ValueError(
+                    f"{who}: array {key!r} has dtype {array.dtype}, the global "
+                    f"model's has dtype {dtype}"
+                )
+
+
+def pack(
+    updates: Sequence[Layers],
+    reference: Layers,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    names: Sequence[str] | None = None,
+) -> tuple[Tensor, PackSpec]:
+    """Pack the floating layers of `updates`, minus `reference`, into one tensor.
+
+    Row ``i`` is the concatenation, in the order of `reference`, of
+    ``updates[i][key] - reference[key]`` over the floating keys, computed in `dtype`.
+
+    Parameters
+    ----------
+    updates : Sequence[Layers]
+        The models to pack; each must have the keys and shapes of `reference`.
+    reference : Layers
+        The model the differences are taken from (the round's global model).
+    dtype : torch.dtype
+        Dtype of the packed tensor.
+    device : torch.device or str
+        Device of the packed tensor.
+    names : Sequence[str], optional
+        How to name each update in an error (e.g. ``"node 42"``).
+
+    Returns
+    -------
+    tuple[Tensor, PackSpec]
+        The ``(len(updates), d)`` tensor and the spec that inverts it.
+
+    Raises
+    ------
+    ValueError
+        If an update's keys, shapes or dtype kinds differ from the reference's; the
+        message names the update and the key.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ref = {"w": np.zeros((2, 2), np.float32), "steps": np.array(3)}
+    >>> upd = {"w": np.ones((2, 2), np.float32), "steps": np.array(4)}
+    >>> x, spec = pack([upd, upd], ref)
+    >>> x.shape, spec.packed_keys
+    (torch.Size([2, 4]), ('w',))
+    >>> unpack(x[0], spec, ref)["w"]
+    array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    spec = PackSpec.of(reference)
+    out = torch.empty((len(updates), spec.d), dtype=dtype, device=device)
+    floating = [
+        (
+            key,
+            offset,
+            torch.from_numpy(np.ascontiguousarray(reference[key])).reshape(-1),
+        )
+        for key, offset in zip(spec.keys, spec.offsets, strict=True)
+        if offset is not None
+    ]
+    for i, layers in enumerate(updates):
+        spec.check(layers, names[i] if names is not None else f"update {i}")
+        for key, offset, ref in floating:
+            segment = out[i, offset : offset + ref.numel()]
+            segment.copy_(
+                torch.from_numpy(np.ascontiguousarray(layers[key])).reshape(-1)
+            )
+            segment.sub_(ref.to(device=device, dtype=dtype))
+    return out, spec
+
+
+def unpack(
+    row: Tensor, spec: PackSpec, reference: Layers
+) -> dict[str, NDArray[np.generic]]:
+    """Turn a packed row back into floating layers: ``reference + row``.
+
+    Each layer gets the shape and dtype of the reference's. Only the floating layers
+    are returned; the others were not packed.
+    """
+    if row.shape != (spec.d,):
+        raise ValueError(f"Expected `row` of shape ({spec.d},), got {tuple(row.shape)}")
+    row = row.detach().cpu()
+    layers: dict[str, NDArray[np.generic]] = {}
+    for key, shape, dtype, offset in zip(
+        spec.keys, spec.shapes, spec.dtypes, spec.offsets, strict=True
+    ):
+        if offset is None:
+            continue
+        size = int(np.prod(shape, dtype=np.int64))
+        ref = torch.from_numpy(np.ascontiguousarray(reference[key])).reshape(-1)
+        acc = torch.promote_types(ref.dtype, row.dtype)
+        value = ref.to(acc) + row[offset : offset + size].to(acc)
+        layers[key] = value.numpy().astype(dtype, copy=False).reshape(shape)
+    return layers
+
+
+def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
+    """Read an ``ArrayRecord`` into layers (copies; the record is not changed)."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def record_from_layers(layers: Layers) -> ArrayRecord:
+    """Build a new ``ArrayRecord`` from layers, keeping their names and order."""
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in layers.items()})
+
+
+def layers_from_parameters(parameters: Parameters) -> dict[str, NDArray[np.generic]]:
+    """Read legacy ``Parameters`` into layers named ``"0"``, ``"1"``, ..."""
+    return {str(i): a for i, a in enumerate(parameters_to_ndarrays(parameters))}
+
+
+def parameters_from_layers(layers: Layers) -> Parameters:
+    """Build legacy ``Parameters`` from layers, in their order."""
+    return ndarrays_to_parameters([np.asarray(v) for v in layers.values()])

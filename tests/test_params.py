@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flwr_alie.params import (
+    PackSpec,
+    layers_from_parameters,
+    layers_from_record,
+    pack,
+    parameters_from_layers,
+    record_from_layers,
+    unpack,
+)
+
+FLOAT_DTYPES = [np.float16, np.float32, np.float64]
+
+
+def model(seed: int, shapes, dtypes) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True)):
+        if np.issubdtype(dtype, np.floating):
+            layers[f"layer{i}"] = rng.normal(size=shape).astype(dtype)
+        else:
+            layers[f"layer{i}"] = rng.integers(0, 100, size=shape).astype(dtype)
+    return layers
+
+
+layer_shapes = st.lists(
+    st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple),
+    min_size=1,
+    max_size=5,
+)
+layer_dtypes = st.sampled_from([*FLOAT_DTYPES, np.int64])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=layer_shapes, data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_unpack_inverts_pack(shapes, data, seed):
+    dtypes = [data.draw(layer_dtypes) for _ in shapes]
+    reference = model(seed, shapes, dtypes)
+    update = model(seed + 1, shapes, dtypes)
+    x, spec = pack([update], reference, dtype=torch.float64)
+    back = unpack(x[0], spec, reference)
+    assert list(back) == [
+        k for k in update if np.issubdtype(update[k].dtype, np.floating)
+    ]
+    for key, value in back.items():
+        assert value.dtype == update[key].dtype
+        assert value.shape == update[key].shape
+        if value.dtype == np.float64:  # one rounding of the float64 difference
+            bound = (
+                2 * np.finfo(np.float64).eps * (abs(update[key]) + abs(reference[key]))
+            )
+            assert np.all(np.abs(value - update[key]) <= bound)
+        else:  # narrower floats come back exactly through float64
+            np.testing.assert_array_equal(value, update[key])
+
+
+def test_pack_holds_differences_from_the_reference():
+    reference = {
+        "w": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),
+        "b": np.float32(5.0) * np.ones(()),
+    }
+    updates = [
+        {"w": np.array([[2.0, 2.0], [3.0, 5.0]], np.float32), "b": np.array(4.0)},
+        {"w": np.array([[1.0, 1.0], [1.0, 1.0]], np.float32), "b": np.array(5.0)},
+    ]
+    reference["b"] = np.array(5.0)  # a 0-dim float64 layer beside a float32 one
+    x, spec = pack(updates, reference)
+    assert spec.d == 5
+    torch.testing.assert_close(
+        x, torch.tensor([[1.0, 0.0, 0.0, 1.0, -1.0], [0.0, -1.0, -2.0, -3.0, 0.0]])
+    )
+
+
+def test_non_floating_layers_are_not_packed():
+    reference = {"w": np.zeros(3, np.float32), "steps": np.array(7, np.int64)}
+    spec = PackSpec.of(reference)
+    assert spec.packed_keys == ("w",)
+    assert spec.offsets == (0, None)
+    back = unpack(torch.ones(3), spec, reference)
+    assert list(back) == ["w"]
+
+
+def test_small_deltas_on_large_weights_keep_their_precision():
+    # float32 weights of 1000 with updates of 1e-4: deltas are exact in float32
+    reference = {"w": np.full(4, 1000.0, np.float32)}
+    update = {"w": reference["w"] + np.float32(2**-13)}
+    x, _ = pack([update], reference)
+    assert torch.all(x == 2**-13)
+
+
+def test_zero_size_and_empty_models():
+    reference = {"empty": np.zeros((0, 3), np.float32)}
+    x, spec = pack([reference, reference], reference)
+    assert x.shape == (2, 0)
+    assert unpack(x[0], spec, reference)["empty"].shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("update", "match"),
+    [
+        ({"w": np.zeros(3, np.float32)}, r"node 7: .*missing keys \['steps'\]"),
+        (
+            {"w": np.zeros(3, np.float32), "steps": np.array(1), "x": np.zeros(1)},
+            r"node 7: .*unexpected keys \['x'\]",
+        ),
+        (
+            {"w": np.zeros(4, np.float32), "steps": np.array(1)},
+            r"node 7: array 'w' has shape \(4,\), the global model's has shape \(3,\)",
+        ),
+        (
+            {"w": np.zeros(3, np.int32), "steps": np.array(1)},
+            r"node 7: array 'w' has dtype int32",
+        ),
+    ],
+)
+def test_mismatched_update_names_the_node_and_key(update, match):
+    reference = {"w": np.zeros(3, np.float32), "steps": np.array(0)}
+    with pytest.raises(ValueError, match=match):
+        pack([reference, update], reference, names=["node 1", "node 7"])
+
+
+def test_pack_does_not_modify_its_inputs():
+    reference = model(0, [(3, 2), (4,)], [np.float32, np.float16])
+    update = model(1, [(3, 2), (4,)], [np.float32, np.float16])
+    before = {k: v.copy() for k, v in update.items()}
+    ref_before = {k: v.copy() for k, v in reference.items()}
+    pack([update], reference)
+    for k in update:
+        np.testing.assert_array_equal(update[k], before[k])
+        np.testing.assert_array_equal(reference[k], ref_before[k])
+
+
+def test_record_and_parameters_adapters_round_trip():
+    layers = model(3, [(2, 3), (), (5,)], [np.float32, np.int64, np.float64])
+    record = record_from_layers(layers)
+    assert isinstance(record, ArrayRecord)
+    for src, back in [
+        (layers, layers_from_record(record)),
+        (
+            layers,
+            dict(
+                zip(
+                    layers,
+                    layers_from_parameters(parameters_from_layers(layers)).values(),
+                    strict=True,
+                )
+            ),
+        ),
+    ]:
+        assert list(back) == list(src)
+        for k in src:
+            assert back[k].dtype == src[k].dtype
+            np.testing.assert_array_equal(back[k], src[k])
+
+
+def test_unpack_checks_the_row_length():
+    spec = PackSpec.of({"w": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"`row` of shape \(3,\), got \(4,\)"):
+        unpack(torch.zeros(4), spec, {"w": np.zeros(3, np.float32)})
