@@ -1,0 +1,63 @@
+"""ServerApp: a robust strategy wrapped in ALIEStrategy, evaluated centrally."""
+
+import json
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from digits_alie.task import make_model, task_data
+from flwr_alie import ALIEConfig, ALIEStrategy, check_setup
+from flwr_alie.evaluation.strategies import make_strategy
+from flwr_alie.evaluation.task import evaluate
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = context.run_config
+    alie = ALIEConfig.from_run_config(config)  # the attack options, parsed once
+    num_nodes = int(config["num-nodes"])
+    num_byzantine = len(alie.byzantine_partitions(num_nodes))
+    inner = make_strategy(
+        str(config["strategy"]), num_nodes=num_nodes, num_byzantine=num_byzantine
+    )
+    problems = check_setup(
+        inner, num_nodes=num_nodes, num_byzantine=num_byzantine, z=alie.z
+    )
+    if problems:
+        raise ValueError(
+            "This configuration cannot be evaluated: " + "; ".join(problems)
+        )
+    strategy = ALIEStrategy.from_config(inner, alie)
+
+    seed = int(config["seed"])
+    test = task_data(num_nodes, seed).test
+    model = make_model(seed=seed)
+    history: dict[int, dict[str, object]] = {}
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test)
+        history[server_round] = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "weights": {
+                k: v.tolist() for k, v in arrays.to_numpy_ndarrays_dict().items()
+            }
+            if hasattr(arrays, "to_numpy_ndarrays_dict")
+            else {k: a.numpy().tolist() for k, a in arrays.items()},
+        }
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(make_model(seed=seed).state_dict()),
+        num_rounds=int(config["num-server-rounds"]),
+        evaluate_fn=central_evaluation,
+    )
+    if config["save-path"]:
+        for server_round, metrics in result.train_metrics_clientapp.items():
+            history[server_round]["train"] = dict(metrics)
+        Path(str(config["save-path"])).write_text(json.dumps(history))

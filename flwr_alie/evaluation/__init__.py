@@ -1,0 +1,1 @@
+"""Evaluation of robust aggregation under ALIE: task, strategies, grid, results."""

@@ -1,0 +1,161 @@
+"""Start and stop Flower's own processes (SuperLink, SuperNodes) for the real-run tests.
+
+Every process is started in a session of its own and stopped by its process group,
+also when a test fails, so that no SuperLink, SuperNode or Ray worker outlives a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+EXAMPLE_APP = Path(__file__).resolve().parent.parent / "examples" / "digits"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # Ray's socket paths must stay under 108 bytes: a short folder
+            "RAY_TMPDIR": _short_tmpdir(home),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _short_tmpdir(home: Path) -> str:
+    link = home / "ray-tmpdir"
+    if not link.exists():
+        link.write_text(tempfile.mkdtemp(prefix="ray"))
+    return link.read_text()
+
+
+def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for proc in processes:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"port {port} did not open:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def superlink(
+    home: Path, *, simulation: bool, supernodes: int = 0, num_partitions: int = 0
+) -> Iterator[str]:
+    """Run a SuperLink (and SuperNodes) on loopback; yield the connection's name.
+
+    The connection is written to ``$FLWR_HOME/config.toml`` so that ``flwr run``
+    finds it; all processes are stopped, by process group, on exit.
+    """
+    env = flower_env(home)
+    port = free_port()  # one HTTP port serves the Control, Fleet and Runtime APIs
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = logs / f"{name}.log"
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes.append(proc)
+        return proc
+
+    try:
+        argv = [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--database", str(home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if simulation:
+            argv.append("--simulation")
+        link = start("superlink", argv)
+        _wait_for_port(port, link, logs / "superlink.log")
+        for i in range(supernodes):
+            node = start(
+                f"supernode-{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink", f"127.0.0.1:{port}",
+                    "--node-config",
+                    f"partition-id={i} num-partitions={num_partitions or supernodes}",
+                    "--host", "127.0.0.1",
+                    "--port", str(free_port()),
+                ],
+            )  # fmt: skip
+            assert node.poll() is None
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n'
+            f'[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        yield "test"
+    finally:
+        _stop(processes)
+        shutil.rmtree(_short_tmpdir(home), ignore_errors=True)
+
+
+def flwr_run(
+    home: Path,
+    app: Path,
+    run_config: str,
+    *,
+    extra: Sequence[str] = (),
+    timeout: int = 300,
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run APP --run-config ... --stream`` against the test connection."""
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(app), "test", "--run-config", run_config,
+         *extra, "--stream"],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )  # fmt: skip
