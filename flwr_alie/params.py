@@ -13,7 +13,10 @@ are not packed. Nothing else in flwr-alie flattens or rebuilds records.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+import io
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -107,12 +110,13 @@ class PackSpec:
 
 
 def pack(
-    updates: Sequence[Layers],
+    updates: Sequence[Layers | Callable[[], Layers]],
     reference: Layers,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     names: Sequence[str] | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, PackSpec]:
     """Pack the floating layers of `updates`, minus `reference`, into one tensor.
 
@@ -121,8 +125,10 @@ def pack(
 
     Parameters
     ----------
-    updates : Sequence[Layers]
-        The models to pack; each must have the keys and shapes of `reference`.
+    updates : Sequence[Layers or Callable[[], Layers]]
+        The models to pack; each must have the keys and shapes of `reference`. A
+        callable is called when its row is filled, so that only one update at a
+        time needs to be read into memory.
     reference : Layers
         The model the differences are taken from (the round's global model).
     dtype : torch.dtype
@@ -131,6 +137,9 @@ def pack(
         Device of the packed tensor.
     names : Sequence[str], optional
         How to name each update in an error (e.g. ``"node 42"``).
+    out : Tensor, optional
+        A tensor to pack into when it has the right shape, dtype and device (for
+        instance last round's, to spare the allocation); otherwise a new one.
 
     Returns
     -------
@@ -156,24 +165,29 @@ def pack(
            [1., 1.]], dtype=float32)
     """
     spec = PackSpec.of(reference)
-    out = torch.empty((len(updates), spec.d), dtype=dtype, device=device)
+    device = torch.device(device)
+    shape = (len(updates), spec.d)
+    if out is None or out.shape != shape or out.dtype != dtype or out.device != device:
+        out = torch.empty(shape, dtype=dtype, device=device)
     floating = [
         (
             key,
             offset,
-            torch.from_numpy(np.ascontiguousarray(reference[key])).reshape(-1),
+            _tensor(reference[key]).reshape(-1).to(device=device, dtype=dtype),
         )
         for key, offset in zip(spec.keys, spec.offsets, strict=True)
         if offset is not None
     ]
-    for i, layers in enumerate(updates):
+    for i, update in enumerate(updates):
+        layers = update() if callable(update) else update
         spec.check(layers, names[i] if names is not None else f"update {i}")
         for key, offset, ref in floating:
             segment = out[i, offset : offset + ref.numel()]
-            segment.copy_(
-                torch.from_numpy(np.ascontiguousarray(layers[key])).reshape(-1)
-            )
-            segment.sub_(ref.to(device=device, dtype=dtype))
+            value = _tensor(layers[key]).reshape(-1)
+            if value.dtype == dtype and value.device == segment.device:
+                torch.sub(value, ref, out=segment)  # one pass: read both, write once
+            else:
+                segment.copy_(value).sub_(ref)
     return out, spec
 
 
@@ -195,16 +209,33 @@ def unpack(
         if offset is None:
             continue
         size = int(np.prod(shape, dtype=np.int64))
-        ref = torch.from_numpy(np.ascontiguousarray(reference[key])).reshape(-1)
+        ref = _tensor(reference[key]).reshape(-1)
         acc = torch.promote_types(ref.dtype, row.dtype)
         value = ref.to(acc) + row[offset : offset + size].to(acc)
         layers[key] = value.numpy().astype(dtype, copy=False).reshape(shape)
     return layers
 
 
+def _tensor(array: NDArray[np.generic]) -> torch.Tensor:
+    """Share the memory of `array`, read-only views included (never written to)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The given NumPy array is not writable"
+        )
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
-    """Read an ``ArrayRecord`` into layers (copies; the record is not changed)."""
-    return {key: array.numpy() for key, array in record.items()}
+    """Read an ``ArrayRecord`` into layers: read-only views of the record's bytes.
+
+    The record is not changed; an array it holds in a form other than NumPy's
+    ``.npy`` bytes is read with ``Array.numpy()`` (a copy).
+    """
+    layers = {}
+    for key, array in record.items():
+        view = _npy_view(array.data)
+        layers[key] = array.numpy() if view is None else view
+    return layers
 
 
 def record_from_layers(layers: Layers) -> ArrayRecord:
@@ -213,8 +244,51 @@ def record_from_layers(layers: Layers) -> ArrayRecord:
 
 
 def layers_from_parameters(parameters: Parameters) -> dict[str, NDArray[np.generic]]:
-    """Read legacy ``Parameters`` into layers named ``"0"``, ``"1"``, ..."""
+    """Read legacy ``Parameters`` into layers named ``"0"``, ``"1"``, ...
+
+    Read-only views of the tensors' ``.npy`` bytes where possible.
+    """
+    views = [_npy_view(t) for t in parameters.tensors]
+    if parameters.tensor_type == "numpy.ndarray" and all(v is not None for v in views):
+        return {str(i): v for i, v in enumerate(views) if v is not None}
     return {str(i): a for i, a in enumerate(parameters_to_ndarrays(parameters))}
+
+
+def _npy_view(data: bytes) -> NDArray[np.generic] | None:
+    """Return a read-only view of ``.npy`` bytes, or ``None`` if not plain ``.npy``."""
+    if data[:6] != b"\x93NUMPY" or data[6:8] not in (b"\x01\x00", b"\x02\x00"):
+        return None
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes
+    header_len = int.from_bytes(data[8:start], "little")
+    parsed = _parse_header(data[: start + header_len])
+    if parsed is None:
+        return None
+    shape, fortran, dtype = parsed
+    count = int(np.prod(shape, dtype=np.int64))
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=start + header_len)
+    return view.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_header(
+    header: bytes,
+) -> tuple[tuple[int, ...], bool, np.dtype[np.generic]] | None:
+    """Parse a ``.npy`` header once: the arrays of one layer all share it."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(stream)
+    except (ValueError, OSError):
+        return None
+    if dtype.hasobject:
+        return None
+    return tuple(shape), bool(fortran), dtype
 
 
 def parameters_from_layers(layers: Layers) -> Parameters:

@@ -85,6 +85,7 @@ class _Outcome:
     crafted: dict[str, NDArray[np.generic]] | None
     metrics: dict[str, float | int]
     template: int | None  # index among honest replies whose metrics a skipper copies
+    packed: torch.Tensor | None = None  # the honest deltas, reusable next round
 
 
 def _attack_round(
@@ -93,6 +94,7 @@ def _attack_round(
     server_round: int,
     global_layers: Layers | None,
     replies: Sequence[_Reply],
+    buffer: torch.Tensor | None = None,
 ) -> _Outcome:
     """Craft the round's Byzantine update from sorted, error-free replies."""
     honest = [r for r in replies if not r.byzantine]
@@ -135,28 +137,27 @@ def _attack_round(
         z = float(config.z)
     try:
         honest_x, spec = pack(
-            [r.read_layers() for r in honest],
+            [r.read_layers for r in honest],
             global_layers,
             device=device,
             names=[r.name for r in honest],
+            out=buffer,
         )
         if config.knowledge == "byzantine-only":
             stats_x, _ = pack(
-                [r.read_layers() for r in byzantine],
+                [r.read_layers for r in byzantine],
                 global_layers,
                 device=device,
                 names=[r.name for r in byzantine],
             )
         else:
             stats_x = honest_x
-        for r in byzantine:
-            spec.check(r.read_layers(), r.name)
     except ValueError as err:
         return skip("%s", err)
     row = ALIEAttack.generate(stats_x, f=1, z=z, direction=config.direction)[0]
     metrics.update(_distances(honest_x, row))
     metrics.update({"alie.attacked": 1, "alie.z": z})
-    return _Outcome(unpack(row, spec, global_layers), metrics, template)
+    return _Outcome(unpack(row, spec, global_layers), metrics, template, honest_x)
 
 
 def _median_weight_index(honest: Sequence[_Reply]) -> int | None:
@@ -175,10 +176,14 @@ def _distances(honest_x: torch.Tensor, row: torch.Tensor) -> dict[str, float]:
     update's distance in that unit (``z`` itself in oracle mode).
     """
     h = honest_x.shape[0]
-    mu = honest_x.sum(0, dtype=torch.float64) / h
-    mean_sq = torch.linalg.vector_norm(honest_x, dim=1, dtype=torch.float64).square()
-    spread = float((mean_sq.mean() - mu.square().sum()).clamp(min=0).sqrt())
-    distance = float(torch.linalg.vector_norm(row.double() - mu))
+    # float32 reductions (a GEMV for the column sums, row norms), float64 scalars:
+    # no float64 copy of the (h, d) tensor
+    ones = torch.full((1, h), 1.0 / h, dtype=honest_x.dtype, device=honest_x.device)
+    mu = torch.mm(ones, honest_x)[0]
+    mean_sq = torch.linalg.vector_norm(honest_x, dim=1).double().square().mean()
+    mu_sq = torch.linalg.vector_norm(mu).double().square()
+    spread = float((mean_sq - mu_sq).clamp(min=0).sqrt())
+    distance = float(torch.linalg.vector_norm(row.double() - mu.double()))
     metrics = {"alie.distance": distance, "alie.honest-spread": spread}
     if spread > 0:
         metrics["alie.distance-sigma"] = distance / spread
@@ -234,6 +239,10 @@ class ALIEStrategy(Strategy):
     ``alie.num-byzantine``, ``alie.distance`` (L2 distance of the crafted update
     from the honest mean), ``alie.honest-spread`` and ``alie.distance-sigma`` (the
     distance in units of the honest spread).
+
+    The honest deltas are packed into one ``(h, d)`` float32 tensor on `device`,
+    kept from round to round so that it is allocated once: the wrapper holds one
+    copy of the honest updates, no more.
     """
 
     def __init__(
@@ -255,6 +264,7 @@ class ALIEStrategy(Strategy):
         self.config = _validated_config(z, direction, knowledge, device)
         self.device = resolve_device(device)
         self._global: tuple[int, Layers] | None = None
+        self._buffer: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, strategy: Strategy, config: ALIEConfig) -> ALIEStrategy:
@@ -294,7 +304,10 @@ class ALIEStrategy(Strategy):
             server_round,
             self._global_for(server_round),
             views,
+            self._buffer,
         )
+        if outcome.packed is not None:
+            self._buffer = outcome.packed
         honest = [m for m, v in zip(valid, views, strict=True) if not v.byzantine]
         template = None if outcome.template is None else honest[outcome.template]
         crafted = (
@@ -369,7 +382,7 @@ def _message_view(message: Message, weight_key: str) -> _Reply:
         byzantine=bool(tag is not None and tag.get(TAG_BYZANTINE, False)),
         skipped=bool(tag is not None and tag.get(TAG_SKIPPED_TRAINING, False)),
         weight=weight,
-        read_layers=_cached(read_layers),
+        read_layers=read_layers,
     )
 
 
@@ -402,17 +415,6 @@ def _rebuild_message(
     return rebuilt
 
 
-def _cached(read: Callable[[], Layers]) -> Callable[[], Layers]:
-    cache: list[Layers] = []
-
-    def once() -> Layers:
-        if not cache:
-            cache.append(read())
-        return cache[0]
-
-    return once
-
-
 class ALIELegacyStrategy(LegacyStrategy):
     """:class:`ALIEStrategy` for legacy strategies (``flwr.server.strategy``).
 
@@ -441,6 +443,7 @@ class ALIELegacyStrategy(LegacyStrategy):
         self.config = _validated_config(z, direction, knowledge, device)
         self.device = resolve_device(device)
         self._global: tuple[int, Layers] | None = None
+        self._buffer: torch.Tensor | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Delegate."""
@@ -466,8 +469,10 @@ class ALIELegacyStrategy(LegacyStrategy):
         if self._global is not None and self._global[0] == server_round:
             global_layers = self._global[1]
         outcome = _attack_round(
-            self.config, self.device, server_round, global_layers, views
+            self.config, self.device, server_round, global_layers, views, self._buffer
         )
+        if outcome.packed is not None:
+            self._buffer = outcome.packed
         honest = [
             res for (_, res), v in zip(ordered, views, strict=True) if not v.byzantine
         ]
@@ -529,7 +534,7 @@ def _legacy_view(proxy: ClientProxy, res: FitRes) -> _Reply:
         byzantine=bool(tags.get(TAG_BYZANTINE, False)),
         skipped=bool(tags.get(TAG_SKIPPED_TRAINING, False)),
         weight=float(res.num_examples),
-        read_layers=_cached(lambda: layers_from_parameters(res.parameters)),
+        read_layers=lambda: layers_from_parameters(res.parameters),
     )
 
 

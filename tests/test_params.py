@@ -163,3 +163,15 @@ def test_unpack_checks_the_row_length():
     spec = PackSpec.of({"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match=r"`row` of shape \(3,\), got \(4,\)"):
         unpack(torch.zeros(4), spec, {"w": np.zeros(3, np.float32)})
+
+
+def test_records_are_read_as_views_of_their_bytes_in_any_memory_order():
+    layers = {
+        "f": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+        "c": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "scalar": np.array(3, np.int64),
+    }
+    back = layers_from_record(record_from_layers(layers))
+    for key, value in layers.items():
+        np.testing.assert_array_equal(back[key], value)
+        assert not back[key].flags.writeable  # a view of the record's bytes
