@@ -42,6 +42,7 @@ from flwr.common.constant import ErrorCode
 
 from flwr_alie.config import (
     LEGACY_TAG_PREFIX,
+    RUN_CONFIG_PREFIX,
     TAG_BYZANTINE,
     TAG_PARTITION_ID,
     TAG_RECORD_KEY,
@@ -160,7 +161,10 @@ def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
     Parameters
     ----------
     config : ALIEConfig, optional
-        The options; ``None`` parses the ``alie.*`` keys of the run config.
+        The options; ``None`` parses the ``alie.*`` keys of the run config, over
+        which ``alie.*`` keys in the train message's ConfigRecords take precedence
+        (so that a ServerApp can change the attack from round to round, as the
+        evaluation does for each cell of its grid).
 
     Returns
     -------
@@ -174,11 +178,7 @@ def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
         try:
-            options = (
-                config
-                if config is not None
-                else ALIEConfig.from_run_config(ctxt.run_config)
-            )
+            options = config if config is not None else _options(msg, ctxt)
             partition_id, num_partitions = _partition(ctxt, options)
         except (TypeError, ValueError) as err:
             return _error_reply(msg, f"alie_mod: {err}")
@@ -225,6 +225,16 @@ def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
 
 alie_mod: Mod = make_alie_mod()
 """The ALIE mod with options parsed from each run's ``alie.*`` run-config keys."""
+
+
+def _options(msg: Message, ctxt: Context) -> ALIEConfig:
+    """Parse the run config's ``alie.*`` keys, overridden by the message's own."""
+    merged: dict[str, object] = dict(ctxt.run_config)
+    for record in msg.content.config_records.values():
+        merged.update(
+            {k: v for k, v in record.items() if k.startswith(RUN_CONFIG_PREFIX)}
+        )
+    return ALIEConfig.from_run_config(merged)
 
 
 def _partition(ctxt: Context, options: ALIEConfig) -> tuple[int, int]:

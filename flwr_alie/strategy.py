@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any, Literal
@@ -86,6 +87,36 @@ class _Outcome:
     metrics: dict[str, float | int]
     template: int | None  # index among honest replies whose metrics a skipper copies
     packed: torch.Tensor | None = None  # the honest deltas, reusable next round
+    row: torch.Tensor | None = None  # the crafted delta
+    mu: torch.Tensor | None = None  # the honest mean delta
+    spread: float = 0.0  # the honest spread
+
+    def aggregate_metrics(
+        self, aggregate: Layers | None, global_layers: Layers | None
+    ) -> dict[str, float]:
+        """Return where the wrapped strategy's aggregate landed, in honest spreads.
+
+        ``alie.aggregate-to-crafted`` is 0 when the strategy selected the crafted
+        update (Krum); ``alie.aggregate-to-mean`` is the aggregate's distance from
+        the honest mean.
+        """
+        if self.row is None or self.mu is None or not self.spread:
+            return {}
+        if aggregate is None or global_layers is None:
+            return {}
+        try:
+            x, _ = pack([aggregate], global_layers, device=self.row.device)
+        except ValueError:
+            return {}
+        a = x[0].double()
+        return {
+            "alie.aggregate-to-crafted": float(
+                torch.linalg.vector_norm(a - self.row.double()) / self.spread
+            ),
+            "alie.aggregate-to-mean": float(
+                torch.linalg.vector_norm(a - self.mu.double()) / self.spread
+            ),
+        }
 
 
 def _attack_round(
@@ -155,9 +186,11 @@ def _attack_round(
     except ValueError as err:
         return skip("%s", err)
     row = ALIEAttack.generate(stats_x, f=1, z=z, direction=config.direction)[0]
-    metrics.update(_distances(honest_x, row))
+    distances, mu, spread = _distances(honest_x, row)
+    metrics.update(distances)
     metrics.update({"alie.attacked": 1, "alie.z": z})
-    return _Outcome(unpack(row, spec, global_layers), metrics, template, honest_x)
+    crafted = unpack(row, spec, global_layers)
+    return _Outcome(crafted, metrics, template, honest_x, row, mu, spread)
 
 
 def _median_weight_index(honest: Sequence[_Reply]) -> int | None:
@@ -168,12 +201,15 @@ def _median_weight_index(honest: Sequence[_Reply]) -> int | None:
     return order[(len(order) - 1) // 2]
 
 
-def _distances(honest_x: torch.Tensor, row: torch.Tensor) -> dict[str, float]:
+def _distances(
+    honest_x: torch.Tensor, row: torch.Tensor
+) -> tuple[dict[str, float], torch.Tensor, float]:
     """How far the crafted update is from the honest mean, absolutely and in spreads.
 
     The spread is ``sqrt(mean_i |g_i - mu|^2)``, the root-mean-square distance of an
     honest update from the honest mean; ``alie.distance-sigma`` is the crafted
-    update's distance in that unit (``z`` itself in oracle mode).
+    update's distance in that unit (``z`` itself in oracle mode). Returns the
+    metrics, the honest mean and the spread.
     """
     h = honest_x.shape[0]
     # float32 reductions (a GEMV for the column sums, row norms), float64 scalars:
@@ -187,7 +223,7 @@ def _distances(honest_x: torch.Tensor, row: torch.Tensor) -> dict[str, float]:
     metrics = {"alie.distance": distance, "alie.honest-spread": spread}
     if spread > 0:
         metrics["alie.distance-sigma"] = distance / spread
-    return metrics
+    return metrics, mu, spread
 
 
 def _validated_config(
@@ -237,8 +273,12 @@ class ALIEStrategy(Strategy):
     weight, so that it claims a typical number of examples. The train metrics of a
     round gain ``alie.attacked`` (1 or 0), ``alie.z``, ``alie.num-honest``,
     ``alie.num-byzantine``, ``alie.distance`` (L2 distance of the crafted update
-    from the honest mean), ``alie.honest-spread`` and ``alie.distance-sigma`` (the
-    distance in units of the honest spread).
+    from the honest mean), ``alie.honest-spread`` (root-mean-square distance of an
+    honest update from the honest mean), ``alie.distance-sigma`` (the distance in
+    units of the honest spread), ``alie.aggregate-to-crafted`` and
+    ``alie.aggregate-to-mean`` (where the wrapped strategy's aggregate landed, in
+    honest spreads: 0 to the crafted update when Krum selected it) and
+    ``alie.seconds`` (the wrapper's own time in the round).
 
     The honest deltas are packed into one ``(h, d)`` float32 tensor on `device`,
     kept from round to round so that it is allocated once: the wrapper holds one
@@ -293,6 +333,7 @@ class ALIEStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replace the Byzantine updates by the ALIE update, then delegate."""
+        started = time.perf_counter()
         replies = list(replies)
         valid = sorted((m for m in replies if not m.has_error()), key=_message_key)
         errors = [m for m in replies if m.has_error()]
@@ -319,11 +360,18 @@ class ALIEStrategy(Strategy):
             _rebuild_message(m, v, crafted, template, weight_key)
             for m, v in zip(valid, views, strict=True)
         ]
+        seconds = time.perf_counter() - started
         arrays, metrics = self.strategy.aggregate_train(
             server_round, forwarded + errors
         )
         merged = MetricRecord(dict(metrics) if metrics is not None else {})
-        for key, value in outcome.metrics.items():
+        aggregate = None if arrays is None else layers_from_record(arrays)
+        telemetry = {
+            **outcome.metrics,
+            **outcome.aggregate_metrics(aggregate, self._global_for(server_round)),
+            "alie.seconds": seconds,
+        }
+        for key, value in telemetry.items():
             merged[key] = value
         return arrays, merged
 
@@ -463,6 +511,7 @@ class ALIELegacyStrategy(LegacyStrategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Replace the Byzantine updates by the ALIE update, then delegate."""
+        started = time.perf_counter()
         ordered = sorted(results, key=_legacy_key)
         views = [_legacy_view(proxy, res) for proxy, res in ordered]
         global_layers = None
@@ -481,10 +530,17 @@ class ALIELegacyStrategy(LegacyStrategy):
             (proxy, _rebuild_fitres(res, v, outcome.crafted, template))
             for (proxy, res), v in zip(ordered, views, strict=True)
         ]
+        seconds = time.perf_counter() - started
         parameters, metrics = self.strategy.aggregate_fit(
             server_round, forwarded, failures
         )
-        return parameters, {**metrics, **outcome.metrics}
+        aggregate = None if parameters is None else layers_from_parameters(parameters)
+        return parameters, {
+            **metrics,
+            **outcome.metrics,
+            **outcome.aggregate_metrics(aggregate, global_layers),
+            "alie.seconds": seconds,
+        }
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -177,3 +177,11 @@ def test_mod_returns_an_error_message_instead_of_raising(
     assert reply.has_error()
     assert trainer.calls == 0
     assert re.search(match, reply.error.reason)
+
+
+def test_mod_takes_alie_keys_of_the_message_over_the_run_config():
+    msg = instruction()
+    msg.content["config"]["alie.byzantine-ids"] = "7"
+    ctxt = context({"partition-id": 7}, {"alie.byzantine-ids": "1"})
+    reply = alie_mod(msg, ctxt, Trainer())
+    assert reply.content[TAG_RECORD_KEY]["byzantine"] is True

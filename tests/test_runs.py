@@ -7,13 +7,16 @@ each round must be.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from digits_alie.task import local_seed, make_model, task_data, train
 
 from flwr_alie import ALIEConfig
-from tests.flower_runtime import EXAMPLE_APP, flwr_run, superlink
+from flwr_alie.evaluation.runtime import flwr_run, superlink
+
+EXAMPLE_APP = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
 pytestmark = pytest.mark.timeout(400)
 

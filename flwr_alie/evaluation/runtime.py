@@ -1,7 +1,10 @@
-"""Start and stop Flower's own processes (SuperLink, SuperNodes) for the real-run tests.
+"""Start and stop Flower's own processes (a SuperLink, SuperNodes) and ``flwr run``.
 
-Every process is started in a session of its own and stopped by its process group,
-also when a test fails, so that no SuperLink, SuperNode or Ray worker outlives a test.
+The evaluation and the tests run Flower apps the way users do, with ``flwr run``,
+against a SuperLink started here on a free loopback port (rather than the local
+SuperLink that ``flwr run`` would start and leave running). Every process is started
+in a session of its own and stopped by its process group on exit, also on an error,
+so that no SuperLink, SuperNode or Ray worker outlives a run.
 """
 
 from __future__ import annotations
@@ -14,21 +17,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-EXAMPLE_APP = Path(__file__).resolve().parent.parent / "examples" / "digits"
+__all__ = ["flower_env", "flwr_run", "superlink"]
+
 BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def flower_env(home: Path) -> dict[str, str]:
+    """Return the environment of Flower's processes: quiet, offline, under `home`."""
     env = dict(os.environ)
     env.update(
         {
@@ -45,13 +52,14 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def _short_tmpdir(home: Path) -> str:
+    """Return Ray's temporary folder for `home`, short enough for socket paths."""
     link = home / "ray-tmpdir"
     if not link.exists():
         link.write_text(tempfile.mkdtemp(prefix="ray"))
     return link.read_text()
 
 
-def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+def _stop(processes: Sequence[subprocess.Popen[bytes] | subprocess.Popen[str]]) -> None:
     for proc in processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -147,15 +155,35 @@ def flwr_run(
     run_config: str,
     *,
     extra: Sequence[str] = (),
-    timeout: int = 300,
+    timeout: float = 600,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run APP --run-config ... --stream`` against the test connection."""
-    return subprocess.run(
-        [str(BIN / "flwr"), "run", str(app), "test", "--run-config", run_config,
-         *extra, "--stream"],
+    """Run ``flwr run APP test --run-config ... --stream`` and wait for it.
+
+    Each line of its output goes to `on_line` as it comes, when given; all of it is
+    returned. The process group is killed after `timeout` seconds.
+    """
+    argv = [str(BIN / "flwr"), "run", str(app), "test", "--run-config", run_config,
+            *extra, "--stream"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
         env=flower_env(home),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
-        check=False,
-    )  # fmt: skip
+        start_new_session=True,
+    )
+    timer = threading.Timer(timeout, lambda: _stop([proc]))
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+        proc.wait()
+    finally:
+        timer.cancel()
+        _stop([proc])
+    return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines), "")
