@@ -55,6 +55,7 @@ from flwr_alie.config import (
 )
 from flwr_alie.params import (
     Layers,
+    PackSpec,
     layers_from_parameters,
     layers_from_record,
     pack,
@@ -104,9 +105,15 @@ class _Outcome:
             return {}
         if aggregate is None or global_layers is None:
             return {}
+        # compare the floating arrays only: strategies average integer buffers too
+        floating = set(PackSpec.of(global_layers).packed_keys)
         try:
-            x, _ = pack([aggregate], global_layers, device=self.row.device)
-        except ValueError:
+            layers = {
+                k: aggregate[k] if k in floating else v
+                for k, v in global_layers.items()
+            }
+            x, _ = pack([layers], global_layers, device=self.row.device)
+        except (KeyError, ValueError):
             return {}
         a = x[0].double()
         return {

@@ -112,6 +112,17 @@ def test_golden_round_with_fedavg():
     assert metrics["alie.num-byzantine"] == 2
     assert metrics["alie.distance-sigma"] == pytest.approx(1.0, rel=1e-6)
     assert metrics["alie.distance"] == pytest.approx(math.sqrt(2 / 3 + 8 / 3), rel=1e-6)
+    # the FedAvg aggregate, as a delta, against the crafted delta and the honest mean
+    spread = math.sqrt(2 / 3 + 8 / 3)
+    aggregate = expected - 10.0
+    crafted = CRAFTED_Z1.astype(np.float64) - 10.0
+    assert metrics["alie.aggregate-to-crafted"] == pytest.approx(
+        np.linalg.norm(aggregate - crafted) / spread, rel=1e-5
+    )
+    assert metrics["alie.aggregate-to-mean"] == pytest.approx(
+        np.linalg.norm(aggregate - 2.0) / spread, rel=1e-5
+    )
+    assert metrics["alie.seconds"] > 0
 
 
 @pytest.mark.parametrize("direction", list(Direction))
@@ -251,7 +262,9 @@ def test_krum_selects_the_crafted_update():
     wrapper.configure_train(
         1, record({"w": global_w}), ConfigRecord(), StubGrid(range(10))
     )
-    arrays, _ = wrapper.aggregate_train(1, replies)
+    arrays, metrics = wrapper.aggregate_train(1, replies)
+    assert metrics["alie.aggregate-to-crafted"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["alie.aggregate-to-mean"] == pytest.approx(0.5, rel=1e-5)
     deltas = honest_w.astype(np.float64) - global_w
     crafted = global_w + deltas.mean(0) - 0.5 * deltas.std(0)
     np.testing.assert_allclose(arrays["w"].numpy(), crafted, rtol=1e-5, atol=1e-6)
