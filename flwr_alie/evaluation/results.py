@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr_alie.evaluation.strategies import STRATEGIES
+
 __all__ = [
     "attack_label",
     "final_accuracy_table",
@@ -55,6 +57,13 @@ def _group(rows: Iterable[Row]) -> dict[tuple[str, str, str], list[Row]]:
     return groups
 
 
+def _strategies(rows: Sequence[Row]) -> list[str]:
+    """Strategies in the order of :data:`STRATEGIES` (others after, by name)."""
+    names = {row["strategy"] for row in rows}
+    known = [name for name in STRATEGIES if name in names]
+    return known + sorted(names - set(known))
+
+
 def _columns(rows: Sequence[Row]) -> list[str]:
     seen: dict[str, tuple[float, str]] = {}
     for row in rows:
@@ -74,7 +83,7 @@ def final_accuracy_table(rows: Sequence[Row]) -> str:
     groups = _group(rows)
     columns = _columns(rows)
     splits = sorted({row["split"] for row in rows})
-    strategies = list(dict.fromkeys(row["strategy"] for row in rows))
+    strategies = _strategies(rows)
     header = ["strategy", *(["split"] if len(splits) > 1 else []), *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: list[str] = []
@@ -126,7 +135,7 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
 
     ok = [row for row in rows if row.get("status") == "ok"]
     columns = _columns(ok)
-    strategies = list(dict.fromkeys(row["strategy"] for row in ok))
+    strategies = _strategies(ok)
     fig, axes = plt.subplots(
         1, len(columns), figsize=(4.2 * len(columns), 3.6), sharey=True, squeeze=False
     )
@@ -161,7 +170,7 @@ def plot_heatmap(rows: Sequence[Row], path: Path) -> None:
 
     groups = _group(rows)
     columns = _columns(rows)
-    strategies = list(dict.fromkeys(row["strategy"] for row in rows))
+    strategies = _strategies(rows)
     values = np.full((len(strategies), len(columns)), np.nan)
     for i, strategy in enumerate(strategies):
         for j, column in enumerate(columns):

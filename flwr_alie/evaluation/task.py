@@ -151,12 +151,24 @@ def _as_partition(x: NDArray[np.float32], y: NDArray[np.int64]) -> Partition:
 def make_model(
     num_features: int = 64, num_classes: int = 10, seed: int = 0
 ) -> nn.Module:
-    """Return a small MLP, initialised from `seed` without the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(num_features, 64), nn.ReLU(), nn.Linear(64, num_classes)
-        )
+    """Return a small MLP initialised from `seed` alone.
+
+    The initialisation is PyTorch's default for ``nn.Linear`` (weights and biases
+    uniform in ``+-1/sqrt(fan_in)``), drawn from a ``torch.Generator`` of its own:
+    the global RNG is neither read nor seeded, so that models built concurrently
+    (the evaluation's cells run in threads) do not depend on each other.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden = 64
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in ((num_features, hidden), (hidden, num_classes)):
+        linear = nn.Linear(fan_in, fan_out, device="meta").to_empty(device="cpu")
+        bound = 1.0 / fan_in**0.5
+        with torch.no_grad():
+            linear.weight.uniform_(-bound, bound, generator=generator)
+            linear.bias.uniform_(-bound, bound, generator=generator)
+        layers.append(linear)
+    return nn.Sequential(layers[0], nn.ReLU(), layers[1])
 
 
 def get_weights(model: nn.Module) -> dict[str, NDArray[np.generic]]:

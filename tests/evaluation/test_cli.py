@@ -69,8 +69,8 @@ def test_files_table_and_progress(two_runs):
         "| f=0.2 z=0.5 | f=0.2 z=max |"
     )
     assert [line.split(" | ")[0] for line in table[2:5]] == [
-        "| krum",
         "| fedmedian",
+        "| krum",
         "| bulyan",
     ]
     assert table[2:5] == stdout.split("\n\n")[2].splitlines()[2:5]

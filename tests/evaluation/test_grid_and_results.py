@@ -98,9 +98,9 @@ def test_table_shows_final_accuracy_and_the_drop_from_no_attack():
     table = final_accuracy_table(ROWS)
     lines = table.splitlines()
     assert lines[0] == "| strategy | no attack | f=0.2 z=1.5 | f=0.2 z=max |"
-    assert lines[2] == "| krum | 0.900 | 0.600 (-0.300) | 0.800 (-0.100) |"
+    assert lines[3] == "| krum | 0.900 | 0.600 (-0.300) | 0.800 (-0.100) |"
     mean, sd = 0.65, math.sqrt(0.005)
-    assert lines[3] == (
+    assert lines[2] == (
         f"| fedavg | 0.900 ± {math.sqrt(0.005):.3f} | {mean:.3f} ± {sd:.3f} "
         f"({mean - 0.9:+.3f}) | invalid (1) |"
     )
