@@ -233,13 +233,57 @@ def _distances(
     return metrics, mu, spread
 
 
-def _validated_config(
-    z: float | Literal["max"],
-    direction: Direction,
-    knowledge: Knowledge,
-    device: str,
-) -> ALIEConfig:
-    return ALIEConfig(z=z, direction=direction, knowledge=knowledge, device=device)
+class _Attacker:
+    """What both wrappers keep across rounds: options, global model, packed buffer."""
+
+    def __init__(
+        self,
+        z: float | Literal["max"],
+        direction: Direction,
+        knowledge: Knowledge,
+        device: str,
+    ) -> None:
+        self.config = ALIEConfig(
+            z=z, direction=direction, knowledge=knowledge, device=device
+        )
+        self.device = resolve_device(device)
+        self._global: tuple[int, Layers] | None = None
+        self._buffer: torch.Tensor | None = None
+
+    def remember(self, server_round: int, global_layers: Layers) -> None:
+        """Keep the global model the round's updates are differences from."""
+        self._global = (server_round, global_layers)
+
+    def global_for(self, server_round: int) -> Layers | None:
+        """Return the global model of `server_round`, if it was seen."""
+        if self._global is None or self._global[0] != server_round:
+            return None
+        return self._global[1]
+
+    def attack(self, server_round: int, replies: Sequence[_Reply]) -> _Outcome:
+        """Craft the round's update, reusing last round's packed tensor."""
+        outcome = _attack_round(
+            self.config,
+            self.device,
+            server_round,
+            self.global_for(server_round),
+            replies,
+            self._buffer,
+        )
+        if outcome.packed is not None:
+            self._buffer = outcome.packed
+        return outcome
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the packed honest updates held between rounds."""
+        if self._buffer is None:
+            return 0
+        return self._buffer.numel() * self._buffer.element_size()
+
+    def log_settings(self) -> None:
+        """Log the attack settings, Flower's summary style."""
+        _log_settings(self.config, self.device)
 
 
 def _log_settings(config: ALIEConfig, device: torch.device) -> None:
@@ -308,10 +352,9 @@ class ALIEStrategy(Strategy):
                 "ALIELegacyStrategy"
             )
         self.strategy = strategy
-        self.config = _validated_config(z, direction, knowledge, device)
-        self.device = resolve_device(device)
-        self._global: tuple[int, Layers] | None = None
-        self._buffer: torch.Tensor | None = None
+        self._attacker = _Attacker(z, direction, knowledge, device)
+        self.config = self._attacker.config
+        self.device = self._attacker.device
 
     @classmethod
     def from_config(cls, strategy: Strategy, config: ALIEConfig) -> ALIEStrategy:
@@ -326,14 +369,14 @@ class ALIEStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the attack settings, then the wrapped strategy's summary."""
-        _log_settings(self.config, self.device)
+        self._attacker.log_settings()
         self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the round's global model, then delegate."""
-        self._global = (server_round, layers_from_record(arrays))
+        self._attacker.remember(server_round, layers_from_record(arrays))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -346,16 +389,7 @@ class ALIEStrategy(Strategy):
         errors = [m for m in replies if m.has_error()]
         weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
         views = [_message_view(m, weight_key) for m in valid]
-        outcome = _attack_round(
-            self.config,
-            self.device,
-            server_round,
-            self._global_for(server_round),
-            views,
-            self._buffer,
-        )
-        if outcome.packed is not None:
-            self._buffer = outcome.packed
+        outcome = self._attacker.attack(server_round, views)
         honest = [m for m, v in zip(valid, views, strict=True) if not v.byzantine]
         template = None if outcome.template is None else honest[outcome.template]
         crafted = (
@@ -375,7 +409,9 @@ class ALIEStrategy(Strategy):
         aggregate = None if arrays is None else layers_from_record(arrays)
         telemetry = {
             **outcome.metrics,
-            **outcome.aggregate_metrics(aggregate, self._global_for(server_round)),
+            **outcome.aggregate_metrics(
+                aggregate, self._attacker.global_for(server_round)
+            ),
             "alie.seconds": seconds,
         }
         for key, value in telemetry.items():
@@ -393,11 +429,6 @@ class ALIEStrategy(Strategy):
     ) -> MetricRecord | None:
         """Delegate."""
         return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def _global_for(self, server_round: int) -> Layers | None:
-        if self._global is None or self._global[0] != server_round:
-            return None
-        return self._global[1]
 
 
 def _message_tag(message: Message) -> ConfigRecord | None:
@@ -495,10 +526,9 @@ class ALIELegacyStrategy(LegacyStrategy):
                 "ALIEStrategy"
             )
         self.strategy = strategy
-        self.config = _validated_config(z, direction, knowledge, device)
-        self.device = resolve_device(device)
-        self._global: tuple[int, Layers] | None = None
-        self._buffer: torch.Tensor | None = None
+        self._attacker = _Attacker(z, direction, knowledge, device)
+        self.config = self._attacker.config
+        self.device = self._attacker.device
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Delegate."""
@@ -508,7 +538,7 @@ class ALIELegacyStrategy(LegacyStrategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, Any]]:
         """Remember the round's global model, then delegate."""
-        self._global = (server_round, layers_from_parameters(parameters))
+        self._attacker.remember(server_round, layers_from_parameters(parameters))
         return self.strategy.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -521,14 +551,8 @@ class ALIELegacyStrategy(LegacyStrategy):
         started = time.perf_counter()
         ordered = sorted(results, key=_legacy_key)
         views = [_legacy_view(proxy, res) for proxy, res in ordered]
-        global_layers = None
-        if self._global is not None and self._global[0] == server_round:
-            global_layers = self._global[1]
-        outcome = _attack_round(
-            self.config, self.device, server_round, global_layers, views, self._buffer
-        )
-        if outcome.packed is not None:
-            self._buffer = outcome.packed
+        global_layers = self._attacker.global_for(server_round)
+        outcome = self._attacker.attack(server_round, views)
         honest = [
             res for (_, res), v in zip(ordered, views, strict=True) if not v.byzantine
         ]

@@ -362,7 +362,7 @@ def fitres(w, n, **tags):
 def test_legacy_golden_round():
     inner = _RecordingLegacyFedAvg()
     wrapper = ALIELegacyStrategy(inner, z=1.0, device="cpu")
-    wrapper._global = (1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
+    wrapper._attacker.remember(1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
     results = [(_Proxy(str(i)), fitres(w, 10)) for i, w in enumerate(HONEST)]
     results += [
         (
@@ -410,8 +410,8 @@ def test_legacy_configure_fit_remembers_the_global_model():
     global_parameters = parameters_from_layers(layers([1.0, 2.0]))
     instructions = wrapper.configure_fit(3, global_parameters, manager)
     assert sorted(proxy.cid for proxy, _ in instructions) == ["a", "b"]
-    assert wrapper._global[0] == 3
-    np.testing.assert_array_equal(wrapper._global[1]["0"], [1.0, 2.0])
+    assert wrapper._attacker.global_for(2) is None
+    np.testing.assert_array_equal(wrapper._attacker.global_for(3)["0"], [1.0, 2.0])
 
 
 # ------------------------------------------------------------------ setup checks

@@ -190,7 +190,8 @@ def plot_heatmap(rows: Sequence[Row], path: Path) -> None:
     for i in range(len(strategies)):
         for j in range(len(columns)):
             text = "invalid" if math.isnan(values[i, j]) else f"{values[i, j]:.2f}"
-            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9)
+            color = "black" if values[i, j] > 0.6 else "white"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_yticks(range(len(strategies)), strategies)
     fig.colorbar(image, ax=ax, label="final test accuracy")
