@@ -138,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Byzantine nodes' own (byzantine-only, the paper's threat model)",
     )
     grid.add_argument(
-        "--splits", nargs="+", default=["iid"], choices=["iid", "dirichlet"]
+        "--splits",
+        nargs="+",
+        default=["iid", "dirichlet"],
+        choices=["iid", "dirichlet"],
+        help="data splits: IID, and Dirichlet over the labels (non-IID)",
     )
     grid.add_argument(
         "--alpha",

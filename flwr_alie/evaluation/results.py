@@ -127,7 +127,7 @@ def _format_cell(
 
 
 def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
-    """Plot test accuracy per round, one line per strategy, one panel per attack."""
+    """Plot test accuracy per round: a line per strategy, a panel per attack."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,25 +135,32 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
 
     ok = [row for row in rows if row.get("status") == "ok"]
     columns = _columns(ok)
-    strategies = _strategies(ok)
+    splits = sorted({row["split"] for row in ok})
     fig, axes = plt.subplots(
-        1, len(columns), figsize=(4.2 * len(columns), 3.6), sharey=True, squeeze=False
+        len(splits),
+        len(columns),
+        figsize=(4.2 * len(columns), 3.3 * len(splits)),
+        sharey=True,
+        squeeze=False,
     )
-    for ax, column in zip(axes[0], columns, strict=True):
-        for strategy in strategies:
-            curve: dict[int, list[float]] = defaultdict(list)
-            for row in ok:
-                if row["strategy"] == strategy and attack_label(row) == column:
-                    curve[row["round"]].append(row["accuracy"])
-            if curve:
+    for split, panels in zip(splits, axes, strict=True):
+        for ax, column in zip(panels, columns, strict=True):
+            for strategy in _strategies(ok):
+                curve: dict[int, list[float]] = defaultdict(list)
+                for row in ok:
+                    if (row["strategy"], row["split"], attack_label(row)) == (
+                        strategy,
+                        split,
+                        column,
+                    ):
+                        curve[row["round"]].append(row["accuracy"])
                 rounds = sorted(curve)
-                ax.plot(
-                    rounds, [statistics.fmean(curve[r]) for r in rounds], label=strategy
-                )
-        ax.set_title(column)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
+                means = [statistics.fmean(curve[r]) for r in rounds]
+                ax.plot(rounds, means, label=strategy)
+            ax.set_title(column if len(splits) == 1 else f"{split}: {column}")
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        panels[0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,7 +168,7 @@ def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
 
 
 def plot_heatmap(rows: Sequence[Row], path: Path) -> None:
-    """Plot final accuracy as a heatmap: strategies x attacks (grey: invalid)."""
+    """Plot final accuracy as a heatmap: strategies (x splits) x attacks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,30 +177,24 @@ def plot_heatmap(rows: Sequence[Row], path: Path) -> None:
 
     groups = _group(rows)
     columns = _columns(rows)
-    strategies = _strategies(rows)
-    values = np.full((len(strategies), len(columns)), np.nan)
-    for i, strategy in enumerate(strategies):
+    splits = sorted({row["split"] for row in rows})
+    labels = [(strategy, split) for split in splits for strategy in _strategies(rows)]
+    values = np.full((len(labels), len(columns)), np.nan)
+    for i, (strategy, split) in enumerate(labels):
         for j, column in enumerate(columns):
-            group = [
-                r
-                for (s, _, c), rs in groups.items()
-                if s == strategy and c == column
-                for r in rs
-            ]
-            mean = _mean_accuracy(group)
+            mean = _mean_accuracy(groups.get((strategy, split, column), []))
             values[i, j] = math.nan if mean is None else mean
-    fig, ax = plt.subplots(
-        figsize=(1.9 * len(columns) + 2.5, 0.5 * len(strategies) + 1.5)
-    )
+    fig, ax = plt.subplots(figsize=(1.9 * len(columns) + 2.8, 0.5 * len(labels) + 1.5))
     ax.set_facecolor("#dddddd")
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for i in range(len(strategies)):
+    for i in range(len(labels)):
         for j in range(len(columns)):
             text = "invalid" if math.isnan(values[i, j]) else f"{values[i, j]:.2f}"
             color = "black" if values[i, j] > 0.6 else "white"
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
-    ax.set_yticks(range(len(strategies)), strategies)
+    names = [s if len(splits) == 1 else f"{s} ({split})" for s, split in labels]
+    ax.set_yticks(range(len(labels)), names)
     fig.colorbar(image, ax=ax, label="final test accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
