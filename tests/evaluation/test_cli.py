@@ -19,6 +19,7 @@ ARGS = [
     "--strategies", "krum", "fedmedian", "bulyan",
     "--fractions", "0.1", "0.2",
     "--z", "0.5", "max",
+    "--splits", "iid",
     "--clients", "10",
     "--rounds", "2",
 ]  # fmt: skip
