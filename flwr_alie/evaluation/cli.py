@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -282,7 +282,9 @@ def _run(
     return ok
 
 
-def _printer(verbose: bool):  # type: ignore[no-untyped-def]
+def _printer(verbose: bool) -> Callable[[str], None]:
+    """Return what shows a line of the run's output: all of it, or our progress."""
+
     def show(line: str) -> None:
         if verbose:
             print(line, flush=True)
