@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 from flwr.common import Code, FitRes, Status
+from flwr.server import strategy as legacy
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, Krum, MultiKrum
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
 
 from flwr_alie import ALIELegacyStrategy, ALIEStrategy, Direction, check_setup
 from flwr_alie.params import parameters_from_layers
@@ -274,6 +282,7 @@ def test_krum_selects_the_crafted_update():
     "make",
     [
         FedMedian,
+        lambda: FedTrimmedAvg(beta=0.2),
         lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3),
         lambda: Bulyan(num_malicious_nodes=0),
     ],
@@ -398,6 +407,40 @@ def test_legacy_golden_round():
     )
     assert metrics["alie.attacked"] == 1
     assert metrics["alie.distance-sigma"] == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        # median of the first coordinate: 11, 12, 13, c, c with c < 12
+        (legacy.FedMedian, lambda c: sorted([11.0, 12.0, 13.0, c, c])[2]),
+        # trim one from each end of 11, 12, 13, c, c, then average
+        (lambda: legacy.FedTrimmedAvg(beta=0.2), lambda c: (c + c + 12.0) / 3),
+        # Krum: the two identical crafted updates are each other's nearest neighbour
+        (lambda: legacy.Krum(num_malicious_clients=1), lambda c: c),
+        # legacy Bulyan passes its extra keywords to its first rule, Krum
+        (lambda: legacy.Bulyan(num_malicious_clients=0, to_keep=0), None),
+    ],
+)
+def test_legacy_robust_strategies_aggregate_the_crafted_updates(make, expected):
+    from flwr.common import parameters_to_ndarrays
+
+    wrapper = ALIELegacyStrategy(make(), z=1.0, device="cpu")
+    wrapper._attacker.remember(1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
+    results = [(_Proxy(str(i)), fitres(w, 10)) for i, w in enumerate(HONEST)]
+    results += [
+        (
+            _Proxy(str(10 + j)),
+            fitres([10.0, 10.0], 1, byzantine=True, **{"skipped-training": True}),
+        )
+        for j in range(2)
+    ]
+    parameters, metrics = wrapper.aggregate_fit(1, results, [])
+    assert metrics["alie.attacked"] == 1
+    w = parameters_to_ndarrays(parameters)[0]
+    if expected is not None:
+        c = float(CRAFTED_Z1[0])
+        assert w[0] == pytest.approx(expected(c), rel=1e-6)
 
 
 def test_legacy_configure_fit_remembers_the_global_model():
