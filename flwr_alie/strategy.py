@@ -73,7 +73,6 @@ class _Reply:
     """What the round needs to know of one reply, whichever API it came in."""
 
     name: str
-    sort_key: tuple[int, int]
     byzantine: bool
     skipped: bool
     weight: float
@@ -283,15 +282,11 @@ class _Attacker:
 
     def log_settings(self) -> None:
         """Log the attack settings, Flower's summary style."""
-        _log_settings(self.config, self.device)
-
-
-def _log_settings(config: ALIEConfig, device: torch.device) -> None:
-    log(INFO, "\t├──> ALIE attack (Baruch, Baruch and Goldberg, NeurIPS 2019):")
-    log(INFO, "\t│\t├── z: %s", config.z)
-    log(INFO, "\t│\t├── direction: %s", config.direction.value)
-    log(INFO, "\t│\t├── knowledge: %s", config.knowledge)
-    log(INFO, "\t│\t└── device: %s", device)
+        log(INFO, "\t├──> ALIE attack (Baruch, Baruch and Goldberg, NeurIPS 2019):")
+        log(INFO, "\t│\t├── z: %s", self.config.z)
+        log(INFO, "\t│\t├── direction: %s", self.config.direction.value)
+        log(INFO, "\t│\t├── knowledge: %s", self.config.knowledge)
+        log(INFO, "\t│\t└── device: %s", self.device)
 
 
 class ALIEStrategy(Strategy):
@@ -464,7 +459,6 @@ def _message_view(message: Message, weight_key: str) -> _Reply:
 
     return _Reply(
         name=f"node {message.metadata.src_node_id}",
-        sort_key=_message_key(message),
         byzantine=bool(tag is not None and tag.get(TAG_BYZANTINE, False)),
         skipped=bool(tag is not None and tag.get(TAG_SKIPPED_TRAINING, False)),
         weight=weight,
@@ -557,8 +551,13 @@ class ALIELegacyStrategy(LegacyStrategy):
             res for (_, res), v in zip(ordered, views, strict=True) if not v.byzantine
         ]
         template = None if outcome.template is None else honest[outcome.template]
+        crafted = None
+        if outcome.crafted is not None:  # serialized once, shared by every reply
+            tensors = parameters_from_layers(outcome.crafted).tensors
+            # legacy layers are named by their position (params.layers_from_parameters)
+            crafted = dict(zip(map(int, outcome.crafted), tensors, strict=True))
         forwarded = [
-            (proxy, _rebuild_fitres(res, v, outcome.crafted, template))
+            (proxy, _rebuild_fitres(res, v, crafted, template))
             for (proxy, res), v in zip(ordered, views, strict=True)
         ]
         seconds = time.perf_counter() - started
@@ -617,7 +616,6 @@ def _legacy_view(proxy: ClientProxy, res: FitRes) -> _Reply:
     tags = _legacy_tags(res)
     return _Reply(
         name=f"client {proxy.cid}",
-        sort_key=_legacy_key((proxy, res)),
         byzantine=bool(tags.get(TAG_BYZANTINE, False)),
         skipped=bool(tags.get(TAG_SKIPPED_TRAINING, False)),
         weight=float(res.num_examples),
@@ -628,10 +626,14 @@ def _legacy_view(proxy: ClientProxy, res: FitRes) -> _Reply:
 def _rebuild_fitres(
     res: FitRes,
     view: _Reply,
-    crafted: dict[str, NDArray[np.generic]] | None,
+    crafted: dict[int, bytes] | None,
     template: FitRes | None,
 ) -> FitRes:
-    """Return `res` without tags; a Byzantine one with the crafted parameters."""
+    """Return `res` without tags; a Byzantine one with the crafted parameters.
+
+    `crafted` maps the position of each floating tensor to its serialized crafted
+    value; the reply's other tensors stay the bytes the node sent.
+    """
     metrics = {
         k: v for k, v in res.metrics.items() if not k.startswith(LEGACY_TAG_PREFIX)
     }
@@ -639,9 +641,9 @@ def _rebuild_fitres(
         return res
     parameters, num_examples = res.parameters, res.num_examples
     if view.byzantine and crafted is not None:
-        own = layers_from_parameters(res.parameters)
-        parameters = parameters_from_layers(
-            {k: crafted.get(k, a) for k, a in own.items()}
+        parameters = Parameters(
+            tensors=[crafted.get(i, t) for i, t in enumerate(res.parameters.tensors)],
+            tensor_type=res.parameters.tensor_type,
         )
     if view.byzantine and view.skipped and template is not None:
         num_examples = template.num_examples
