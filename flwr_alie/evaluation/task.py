@@ -32,7 +32,6 @@ __all__ = [
     "get_weights",
     "load_data",
     "make_model",
-    "set_weights",
     "train",
 ]
 
@@ -174,13 +173,6 @@ def make_model(
 def get_weights(model: nn.Module) -> dict[str, NDArray[np.generic]]:
     """Return the model's state as named NumPy arrays (copies)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def set_weights(model: nn.Module, weights: dict[str, NDArray[np.generic]]) -> None:
-    """Load named NumPy arrays into the model."""
-    model.load_state_dict(
-        {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
-    )
 
 
 def train(
