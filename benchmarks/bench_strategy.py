@@ -178,7 +178,7 @@ def main() -> None:
     print(
         f"{'wrapper own work':>26} {own:>8.2f}s {mem_wrapped - mem_fedavg:>14.0f} MiB"
     )
-    held = wrapper._attacker.held_bytes / 2**20
+    held = wrapper.engine.held_bytes / 2**20
     print(f"own work / FedAvg: {own / t_fedavg:.2f}x")
     print(f"held by the wrapper between rounds (packed honest deltas): {held:.0f} MiB")
     extra = held + mem_wrapped - mem_fedavg

@@ -4,8 +4,8 @@ Moran Baruch, Gilad Baruch and Yoav Goldberg, "A Little Is Enough: Circumventing
 Defenses For Distributed Learning", NeurIPS 2019.
 
 The torch core (:mod:`flwr_alie.attacks`) is imported at once; the Flower
-integration (client, strategy, config, params) is imported on first use, so that the
-core works where Flower is not installed.
+integration (engine, strategy, mod, legacy, limits, config, params) is imported on
+first use, so that the core works where Flower is not installed.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from flwr_alie.attacks import ALIEAttack, Attack, Direction, z_max
+from flwr_alie.attacks import ALIEAttack, Attack, Direction, moments, z_max
 
 if TYPE_CHECKING:
-    from flwr_alie.client import ALIEClient, alie_mod, make_alie_mod
     from flwr_alie.config import ALIEConfig
-    from flwr_alie.strategy import ALIELegacyStrategy, ALIEStrategy, check_setup
+    from flwr_alie.legacy import ALIEClient, ALIELegacyStrategy
+    from flwr_alie.limits import check_setup
+    from flwr_alie.mod import alie_mod, make_alie_mod
+    from flwr_alie.strategy import ALIEStrategy
 
 __all__ = [
     "ALIEAttack",
@@ -31,17 +33,18 @@ __all__ = [
     "alie_mod",
     "check_setup",
     "make_alie_mod",
+    "moments",
     "z_max",
 ]
 
 _LAZY = {
-    "ALIEClient": "flwr_alie.client",
-    "alie_mod": "flwr_alie.client",
-    "make_alie_mod": "flwr_alie.client",
+    "ALIEClient": "flwr_alie.legacy",
+    "alie_mod": "flwr_alie.mod",
+    "make_alie_mod": "flwr_alie.mod",
     "ALIEConfig": "flwr_alie.config",
-    "ALIELegacyStrategy": "flwr_alie.strategy",
+    "ALIELegacyStrategy": "flwr_alie.legacy",
     "ALIEStrategy": "flwr_alie.strategy",
-    "check_setup": "flwr_alie.strategy",
+    "check_setup": "flwr_alie.limits",
 }
 
 

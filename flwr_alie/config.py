@@ -8,7 +8,6 @@ here once.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import random
 from collections.abc import Mapping
@@ -16,11 +15,12 @@ from typing import Literal, get_args
 
 import torch
 
-from flwr_alie.attacks import Direction
+from flwr_alie.attacks import Direction, check_z
 
 __all__ = [
     "LEGACY_TAG_PREFIX",
     "RUN_CONFIG_PREFIX",
+    "SKIPPED_WEIGHT",
     "TAG_BYZANTINE",
     "TAG_PARTITION_ID",
     "TAG_RECORD_KEY",
@@ -42,6 +42,10 @@ TAG_PARTITION_ID = "partition-id"
 TAG_SKIPPED_TRAINING = "skipped-training"
 
 RUN_CONFIG_PREFIX = "alie."
+
+# The sample count a Byzantine node that skipped training claims; the server-side
+# wrappers replace it by the weight of a typical honest reply.
+SKIPPED_WEIGHT = 1
 
 # run_config key (without the prefix) -> ALIEConfig field
 _RUN_CONFIG_FIELDS = {
@@ -100,14 +104,7 @@ class ALIEConfig:
 
     def __post_init__(self) -> None:
         """Check every option; see the class docstring for what is accepted."""
-        z = self.z
-        if isinstance(z, str):
-            if z != "max":
-                raise ValueError(f'Expected `z` to be a number or "max", got {z!r}')
-        elif isinstance(z, bool) or not isinstance(z, numbers.Real):
-            raise TypeError(f'Expected `z` to be a number or "max", got {z!r}')
-        elif not (math.isfinite(z) and z >= 0):
-            raise ValueError(f"Expected `z` finite and >= 0, got {z!r}")
+        check_z(self.z)
         if not isinstance(self.direction, Direction):
             raise TypeError(
                 f"Expected `direction` to be a Direction, got {self.direction!r}"
@@ -145,12 +142,17 @@ class ALIEConfig:
             )
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                device = torch.device(self.device)
             except (RuntimeError, TypeError) as err:
                 raise ValueError(
                     f"Expected `device` to be 'auto' or a torch device, got "
                     f"{self.device!r}"
                 ) from err
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"Expected `device` to be available, got {self.device!r} on a "
+                    "machine without CUDA; use 'auto' or 'cpu'"
+                )
 
     @property
     def skips_training(self) -> bool:

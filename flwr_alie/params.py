@@ -28,11 +28,13 @@ from torch import Tensor
 __all__ = [
     "Layers",
     "PackSpec",
+    "arrays_from_layers",
     "layers_from_parameters",
     "layers_from_record",
     "pack",
     "parameters_from_layers",
     "record_from_layers",
+    "tensors_from_layers",
     "unpack",
 ]
 
@@ -192,21 +194,26 @@ def pack(
 
 
 def unpack(
-    row: Tensor, spec: PackSpec, reference: Layers
+    row: Tensor, spec: PackSpec, reference: Layers, *, others: Layers | None = None
 ) -> dict[str, NDArray[np.generic]]:
-    """Turn a packed row back into floating layers: ``reference + row``.
+    """Turn a packed row back into a whole layer set, the inverse of :func:`pack`.
 
-    Each layer gets the shape and dtype of the reference's. Only the floating layers
-    are returned; the others were not packed.
+    Floating layers are ``reference + row``, each with the shape and dtype of the
+    reference's; the layers that were not packed (not floating point) are taken from
+    `others` (e.g. the reply being replaced, whose BatchNorm counters stay as the
+    node sent them), or from `reference` when `others` is ``None``. Keys come in the
+    order of `reference`.
     """
     if row.shape != (spec.d,):
         raise ValueError(f"Expected `row` of shape ({spec.d},), got {tuple(row.shape)}")
+    source = reference if others is None else others
     row = row.detach().cpu()
     layers: dict[str, NDArray[np.generic]] = {}
     for key, shape, dtype, offset in zip(
         spec.keys, spec.shapes, spec.dtypes, spec.offsets, strict=True
     ):
         if offset is None:
+            layers[key] = source[key]
             continue
         size = int(np.prod(shape, dtype=np.int64))
         ref = _tensor(reference[key]).reshape(-1)
@@ -238,9 +245,35 @@ def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     return layers
 
 
-def record_from_layers(layers: Layers) -> ArrayRecord:
-    """Build a new ``ArrayRecord`` from layers, keeping their names and order."""
-    return ArrayRecord({key: Array(np.asarray(value)) for key, value in layers.items()})
+def record_from_layers(
+    layers: Mapping[str, NDArray[np.generic] | Array],
+    *,
+    base: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Build a new ``ArrayRecord`` from layers, keeping their names and order.
+
+    With `base`, the record has the keys of `base`, in its order: a key in `layers`
+    takes that value, any other keeps the ``Array`` of `base` (its bytes shared,
+    not copied). A value may be an ``Array`` already (serialized once, shared by
+    several records). `base` is never modified.
+    """
+
+    def as_array(value: NDArray[np.generic] | Array) -> Array:
+        return value if isinstance(value, Array) else Array(np.asarray(value))
+
+    if base is None:
+        return ArrayRecord({key: as_array(value) for key, value in layers.items()})
+    return ArrayRecord(
+        {
+            key: as_array(layers[key]) if key in layers else array
+            for key, array in base.items()
+        }
+    )
+
+
+def arrays_from_layers(layers: Layers) -> dict[str, Array]:
+    """Serialize layers once, for :func:`record_from_layers` to share."""
+    return {key: Array(np.asarray(value)) for key, value in layers.items()}
 
 
 def layers_from_parameters(parameters: Parameters) -> dict[str, NDArray[np.generic]]:
@@ -291,6 +324,42 @@ def _parse_header(
     return tuple(shape), bool(fortran), dtype
 
 
-def parameters_from_layers(layers: Layers) -> Parameters:
-    """Build legacy ``Parameters`` from layers, in their order."""
-    return ndarrays_to_parameters([np.asarray(v) for v in layers.values()])
+def parameters_from_layers(
+    layers: Mapping[str, NDArray[np.generic] | bytes],
+    *,
+    base: Parameters | None = None,
+) -> Parameters:
+    """Build legacy ``Parameters`` from layers named ``"0"``, ``"1"``, ...
+
+    Without `base`, the tensors are the layers in their order. With `base`, tensor
+    ``i`` is layer ``str(i)`` where `layers` has it and the bytes of `base`
+    otherwise (as the node sent them); a value may be serialized bytes already.
+    `base` is never modified.
+    """
+
+    def as_bytes(value: NDArray[np.generic] | bytes) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        return as_npy_bytes(value)
+
+    if base is None:
+        return Parameters(
+            tensors=[as_bytes(v) for v in layers.values()], tensor_type="numpy.ndarray"
+        )
+    return Parameters(
+        tensors=[
+            as_bytes(layers[str(i)]) if str(i) in layers else t
+            for i, t in enumerate(base.tensors)
+        ],
+        tensor_type=base.tensor_type,
+    )
+
+
+def tensors_from_layers(layers: Layers) -> dict[str, bytes]:
+    """Serialize legacy layers once, for :func:`parameters_from_layers` to share."""
+    return {key: as_npy_bytes(value) for key, value in layers.items()}
+
+
+def as_npy_bytes(value: NDArray[np.generic]) -> bytes:
+    """Serialize one array as Flower's legacy API does (``.npy`` bytes)."""
+    return ndarrays_to_parameters([np.asarray(value)]).tensors[0]

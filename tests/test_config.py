@@ -49,8 +49,12 @@ def test_from_run_config_does_not_modify_its_input():
     ("run_config", "error", "match"),
     [
         ({"alie.zz": 1.0}, ValueError, r"Unknown run-config key 'alie.zz'.*alie.z,"),
-        ({"alie.z": -1.0}, ValueError, r"`z` finite and >= 0, got -1.0"),
-        ({"alie.z": "min"}, ValueError, r"`z` to be a number or \"max\", got 'min'"),
+        ({"alie.z": -1.0}, ValueError, r"Expected `z` >= 0, got -1.0"),
+        (
+            {"alie.z": "min"},
+            TypeError,
+            r"`z` to be a real number or \"max\", got 'min'",
+        ),
         ({"alie.direction": "down"}, ValueError, r"'alie.direction' in \['negative'"),
         ({"alie.knowledge": "full"}, ValueError, r"`knowledge` in .*got 'full'"),
         ({"alie.fraction": 1.0}, ValueError, r"`fraction` in \[0, 1\), got 1.0"),

@@ -1,17 +1,19 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_alie.params import (
     PackSpec,
+    arrays_from_layers,
     layers_from_parameters,
     layers_from_record,
     pack,
     parameters_from_layers,
     record_from_layers,
+    tensors_from_layers,
     unpack,
 )
 
@@ -44,10 +46,8 @@ def test_unpack_inverts_pack(shapes, data, seed):
     reference = model(seed, shapes, dtypes)
     update = model(seed + 1, shapes, dtypes)
     x, spec = pack([update], reference, dtype=torch.float64)
-    back = unpack(x[0], spec, reference)
-    assert list(back) == [
-        k for k in update if np.issubdtype(update[k].dtype, np.floating)
-    ]
+    back = unpack(x[0], spec, reference, others=update)
+    assert list(back) == list(update)  # the whole layer set, in order
     for key, value in back.items():
         assert value.dtype == update[key].dtype
         assert value.shape == update[key].shape
@@ -83,7 +83,36 @@ def test_non_floating_layers_are_not_packed():
     assert spec.packed_keys == ("w",)
     assert spec.offsets == (0, None)
     back = unpack(torch.ones(3), spec, reference)
-    assert list(back) == ["w"]
+    assert list(back) == ["w", "steps"]
+    np.testing.assert_array_equal(back["w"], np.ones(3, np.float32))
+    assert back["steps"] is reference["steps"]  # not packed: the reference's
+    sent = {"w": np.zeros(3, np.float32), "steps": np.array(9, np.int64)}
+    assert unpack(torch.ones(3), spec, reference, others=sent)["steps"] == 9
+
+
+def test_rebuilt_records_keep_the_base_and_share_what_they_do_not_replace():
+    base = ArrayRecord(
+        {"w": Array(np.zeros(2, np.float32)), "steps": Array(np.array(3, np.int64))}
+    )
+    shared = arrays_from_layers({"w": np.ones(2, np.float32)})
+    rebuilt = record_from_layers(shared, base=base)
+    assert list(rebuilt) == ["w", "steps"]
+    assert rebuilt["steps"].data is base["steps"].data  # shared bytes, no copy
+    np.testing.assert_array_equal(rebuilt["w"].numpy(), [1.0, 1.0])
+    np.testing.assert_array_equal(base["w"].numpy(), [0.0, 0.0])  # untouched
+
+
+def test_rebuilt_parameters_keep_the_other_tensors_bytes():
+    base = parameters_from_layers(
+        {"0": np.zeros(2, np.float32), "1": np.array(3, np.int64)}
+    )
+    rebuilt = parameters_from_layers(
+        tensors_from_layers({"0": np.ones(2, np.float32)}), base=base
+    )
+    assert rebuilt.tensors[1] is base.tensors[1]
+    layers = layers_from_parameters(rebuilt)
+    np.testing.assert_array_equal(layers["0"], [1.0, 1.0])
+    assert int(layers["1"]) == 3
 
 
 def test_small_deltas_on_large_weights_keep_their_precision():

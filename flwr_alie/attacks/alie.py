@@ -11,6 +11,7 @@ Bulyan, the median and the trimmed mean, far enough to steer training.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,14 +21,9 @@ from torch import Tensor
 
 from flwr_alie.attacks._checks import as_matrix, check_count, check_out, describe_honest
 from flwr_alie.attacks.base import Attack, Direction
+from flwr_alie.attacks.stats import moments
 
-__all__ = ["ALIEAttack", "z_max"]
-
-# Bytes of one column block of the statistics, in the accumulation dtype. On the CPU
-# a block stays in the L2 cache while both moments are taken from it; elsewhere a
-# block only bounds the temporary memory.
-_CPU_BLOCK_BYTES = 2 << 20
-_DEVICE_BLOCK_BYTES = 256 << 20
+__all__ = ["ALIEAttack", "alie_vector", "check_z", "z_max"]
 
 
 def z_max(h: int, f: int) -> float:
@@ -117,11 +113,13 @@ class ALIEAttack(Attack):
 
     Notes
     -----
-    The statistics are exact two-pass moments computed block by block over columns,
-    so each block is read once from memory; float16 and bfloat16 inputs are
-    accumulated in float32 and the result is cast back; float64 stays float64. A NaN
-    or an infinity in the honest vectors propagates into the affected coordinates of
-    the result; it is not checked for, to keep the hot path one pass.
+    ``generate`` is :func:`~flwr_alie.attacks.moments` (exact two-pass moments,
+    one read of the input) followed by :func:`alie_vector`; callers that need the
+    statistics too (telemetry) call those two directly. float16 and bfloat16 inputs
+    are accumulated in float32 and the result is cast back; float64 stays float64.
+    A NaN or an infinity in the honest vectors propagates into the affected
+    coordinates of the result; it is not checked for, to keep the hot path one
+    pass.
     """
 
     @classmethod
@@ -190,18 +188,15 @@ class ALIEAttack(Attack):
             )
         x, info = as_matrix(honest_gradients)
         f = check_count(f, "f")
-        factor = _check_z(z)
-        if not isinstance(direction, Direction):
-            raise TypeError(
-                f"Expected `direction` to be a flwr_alie.Direction, got {direction!r}; "
-                f"use e.g. Direction({str(direction)!r}) for a configured value"
-            )
+        factor = check_z(z)
+        _check_direction(direction)
         result = check_out(out, f, info, honest_gradients)
         if f == 0:
             return result
         if factor is None:
             factor = z_max(info.h, f)
-        _alie_row(x, factor, direction, result[0])
+        mu, sigma = moments(x)
+        alie_vector(mu, sigma, z=factor, direction=direction, out=result[0])
         if f > 1:
             result[1:].copy_(result[0].expand(f - 1, info.d))
         return result
@@ -240,8 +235,24 @@ class ALIEAttack(Attack):
         return torch.tensor(z_max(info.h, f), dtype=info.dtype, device=info.device)
 
 
-def _check_z(z: object) -> float | None:
-    """Return `z` as a float, or ``None`` for ``"max"``."""
+def check_z(z: object) -> float | None:
+    """Validate an ALIE factor: return it as a float, or ``None`` for ``"max"``.
+
+    The one check of `z` in flwr-alie: the core, the typed options and the command
+    line all call it, so a bad value gets the same message everywhere.
+
+    Raises
+    ------
+    TypeError
+        If `z` is neither a real number (``bool`` excluded) nor ``"max"``.
+    ValueError
+        If `z` is negative or not finite.
+
+    Examples
+    --------
+    >>> check_z(1), check_z("max")
+    (1.0, None)
+    """
     if isinstance(z, str):
         if z == "max":
             return None
@@ -251,7 +262,7 @@ def _check_z(z: object) -> float | None:
             f'Expected `z` to be a real number or "max", got {z!r} ({type(z).__name__})'
         )
     factor = float(z)
-    if factor != factor or factor in (float("inf"), float("-inf")):
+    if not math.isfinite(factor):
         raise ValueError(f"Expected a finite `z`, got {factor}")
     if factor < 0:
         raise ValueError(
@@ -260,40 +271,68 @@ def _check_z(z: object) -> float | None:
     return factor
 
 
-def _alie_row(x: Tensor, z: float, direction: Direction, row: Tensor) -> None:
-    """Write ``mu + sign * z * sigma`` of the ``(h, d)`` tensor `x` into `row`.
+def _check_direction(direction: object) -> None:
+    if not isinstance(direction, Direction):
+        raise TypeError(
+            f"Expected `direction` to be a flwr_alie.Direction, got {direction!r}; "
+            f"use e.g. Direction({str(direction)!r}) for a configured value"
+        )
 
-    Column blocks are small enough to stay in cache, so both moments come from one
-    read of `x`; reductions run in at least float32.
+
+def alie_vector(
+    mu: Tensor,
+    sigma: Tensor,
+    /,
+    *,
+    z: float,
+    direction: Direction = Direction.NEGATIVE,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Return the ALIE vector ``mu + sign * z * sigma`` from precomputed moments.
+
+    ``sign`` is ``-1`` for ``NEGATIVE``, ``+1`` for ``POSITIVE`` and ``-sign(mu)``
+    for ``OPPOSITE_MEAN`` (see :class:`Direction`). Computed in the dtype of `mu`
+    and `sigma` (as :func:`~flwr_alie.attacks.moments` returns them) and written
+    into `out` (cast to its dtype) when given.
+
+    Parameters
+    ----------
+    mu, sigma : Tensor
+        Shape ``(d,)``, one dtype and device: the honest mean and population
+        standard deviation.
+    z : float
+        The factor, ``>= 0`` and finite (checked by :func:`check_z`).
+    direction : Direction
+        Which way to shift the mean.
+    out : Tensor, optional
+        Shape ``(d,)``, on the device of `mu`; returned.
+
+    Returns
+    -------
+    Tensor
+        The ``(d,)`` crafted vector.
+
+    Examples
+    --------
+    >>> import torch
+    >>> alie_vector(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5]), z=2.0)
+    tensor([ 0., -2.])
     """
-    h, d = x.shape
-    acc = torch.promote_types(x.dtype, torch.float32)
-    on_cpu = x.device.type == "cpu"
-    budget = _CPU_BLOCK_BYTES if on_cpu else _DEVICE_BLOCK_BYTES
-    width = max(1, min(d, budget // (h * acc.itemsize)))
-    buffer = torch.empty((h, width), dtype=acc, device=x.device)
-    # On the CPU a GEMV sums columns several times faster than `sum(0)`.
-    ones = torch.ones((1, h), dtype=acc, device=x.device) if on_cpu else None
-    alpha = z if direction is Direction.POSITIVE else -z
-    for start in range(0, d, width):
-        block = x[:, start : start + width]
-        w = block.shape[1]
-        scratch = buffer[:, :w]
-        if block.dtype != acc:
-            block = scratch.copy_(block)
-        mu = _column_sum(block, ones).div_(h)
-        sigma = _column_sum(torch.sub(block, mu, out=scratch).square_(), ones)
-        sigma.div_(h).sqrt_()
-        if direction is Direction.OPPOSITE_MEAN:
-            sigma.mul_(mu.sign())
-        target = row[start : start + w]
-        if target.dtype == acc:
-            torch.add(mu, sigma, alpha=alpha, out=target)
-        else:
-            target.copy_(mu.add_(sigma, alpha=alpha))
-
-
-def _column_sum(block: Tensor, ones: Tensor | None) -> Tensor:
-    if ones is None:
-        return block.sum(0)
-    return torch.mm(ones, block)[0]
+    factor = check_z(z)
+    if factor is None:
+        raise TypeError('`z="max"` needs h and f: resolve it with z_max(h, f) first')
+    _check_direction(direction)
+    if mu.shape != sigma.shape or mu.dim() != 1:
+        raise ValueError(
+            "Expected `mu` and `sigma` of one shape (d,), got "
+            f"{tuple(mu.shape)} and {tuple(sigma.shape)}"
+        )
+    if out is not None and out.shape != mu.shape:
+        raise ValueError(f"Expected `out` of shape {tuple(mu.shape)}, got {out.shape}")
+    alpha = factor if direction is Direction.POSITIVE else -factor
+    shift = sigma * mu.sign() if direction is Direction.OPPOSITE_MEAN else sigma
+    if out is None:
+        return torch.add(mu, shift, alpha=alpha)
+    if out.dtype == mu.dtype:
+        return torch.add(mu, shift, alpha=alpha, out=out)
+    return out.copy_(torch.add(mu, shift, alpha=alpha))

@@ -34,11 +34,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_alie.client import alie_mod
 from flwr_alie.evaluation.grid import Cell, load_cells
 from flwr_alie.evaluation.strategies import make_strategy
 from flwr_alie.evaluation.task import evaluate, load_data, make_model, train
-from flwr_alie.strategy import ALIEStrategy, check_setup
+from flwr_alie.limits import check_setup
+from flwr_alie.mod import alie_mod
+from flwr_alie.strategy import ALIEStrategy
 
 __all__ = ["PROGRESS_TAG", "client_app", "server_app"]
 

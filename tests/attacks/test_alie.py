@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_alie import ALIEAttack, Attack, Direction, z_max
-from flwr_alie.attacks import alie as alie_module
+from flwr_alie.attacks import stats as stats_module
 from tests.conftest import DTYPES, TOLERANCES
 
 GOLDEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
@@ -138,8 +138,8 @@ def test_max_z_dtype_and_device(dtype, device):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Make column blocks tiny so that several blocks and a ragged one are used."""
-    monkeypatch.setattr(alie_module, "_CPU_BLOCK_BYTES", 96)
-    monkeypatch.setattr(alie_module, "_DEVICE_BLOCK_BYTES", 96)
+    monkeypatch.setattr(stats_module, "_CPU_BLOCK_BYTES", 96)
+    monkeypatch.setattr(stats_module, "_DEVICE_BLOCK_BYTES", 96)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -39,7 +39,7 @@ def test_cells_round_trip_through_json(tmp_path):
     [
         ({"strategies": ["fedprox"]}, "strategies among .* got 'fedprox'"),
         ({"directions": ["down"]}, "'down' is not a valid Direction"),
-        ({"zs": [-1.0]}, r"`z` finite and >= 0, got -1.0"),
+        ({"zs": [-1.0]}, r"Expected `z` >= 0, got -1.0"),
     ],
 )
 def test_bad_grid(kwargs, match):

@@ -1,14 +1,11 @@
-"""Client side of the ALIE attack: mark a node Byzantine.
+"""The ClientApp mod that marks a node Byzantine for ALIE.
 
 Baruch, Baruch and Goldberg, "A Little Is Enough", NeurIPS 2019. The crafted update
 needs the statistics of the round's honest updates, which the server-side wrapper
-(:mod:`flwr_alie.strategy`) computes; the client side only tags a Byzantine node's
-train reply (and may skip its local training when its own update is not needed).
-
-- :class:`ALIEClient` wraps a legacy ``Client`` or ``NumPyClient``.
-- :func:`make_alie_mod` builds a ClientApp mod for the Message API (and for legacy
-  ``client_fn`` apps alike), which decides from the node's ``partition-id`` whether
-  the node is Byzantine.
+(:class:`flwr_alie.ALIEStrategy`) computes; the client side only tags a Byzantine
+node's train reply (and may skip its local training when its own update is not
+needed). The mod decides from the node's ``partition-id`` whether the node is
+Byzantine.
 """
 
 from __future__ import annotations
@@ -23,26 +20,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.client import Client, NumPyClient
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import (
-    Code,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    GetParametersIns,
-    GetParametersRes,
-    GetPropertiesIns,
-    GetPropertiesRes,
-    Scalar,
-    Status,
-)
 from flwr.common.constant import ErrorCode
 
 from flwr_alie.config import (
-    LEGACY_TAG_PREFIX,
     RUN_CONFIG_PREFIX,
+    SKIPPED_WEIGHT,
     TAG_BYZANTINE,
     TAG_PARTITION_ID,
     TAG_RECORD_KEY,
@@ -50,100 +33,7 @@ from flwr_alie.config import (
     ALIEConfig,
 )
 
-__all__ = ["ALIEClient", "alie_mod", "make_alie_mod"]
-
-# Weight a node that skipped training claims; the server-side wrapper replaces it
-# by the weight of a typical honest reply.
-_SKIPPED_WEIGHT = 1
-
-
-class ALIEClient(Client):
-    """A legacy Flower client acting as a Byzantine ALIE node.
-
-    ``client_fn`` returns ``ALIEClient(MyClient(...)).to_client()`` for the nodes
-    chosen to be Byzantine (e.g. with :meth:`ALIEConfig.byzantine_partitions`). Its
-    fit results carry ``alie.*`` tags in ``FitRes.metrics``, which
-    :class:`flwr_alie.strategy.ALIELegacyStrategy` reads and strips;
-    ``get_parameters``, ``get_properties`` and ``evaluate`` are delegated unchanged.
-
-    Parameters
-    ----------
-    client : Client or NumPyClient
-        The honest client; reachable as ``.client``.
-    partition_id : int, optional
-        The node's partition id, which orders the replies of a round on the server.
-    skip_training : bool
-        Skip local training and send the global model back (its update is replaced
-        on the server anyway in oracle mode). Must be False in byzantine-only mode.
-    """
-
-    def __init__(
-        self,
-        client: Client | NumPyClient,
-        *,
-        partition_id: int | None = None,
-        skip_training: bool = False,
-    ) -> None:
-        if not isinstance(client, Client | NumPyClient):
-            raise TypeError(
-                "Expected `client` to be a flwr Client or NumPyClient, got "
-                f"{type(client).__name__}"
-            )
-        if partition_id is not None and (
-            isinstance(partition_id, bool)
-            or not isinstance(partition_id, int)
-            or partition_id < 0
-        ):
-            raise ValueError(
-                "Expected `partition_id` to be a non-negative int, got "
-                f"{partition_id!r}"
-            )
-        self.client = client
-        self.partition_id = partition_id
-        self.skip_training = bool(skip_training)
-        self._delegate = client.to_client()
-
-    def _tags(self) -> dict[str, Scalar]:
-        tags: dict[str, Scalar] = {
-            LEGACY_TAG_PREFIX + TAG_BYZANTINE: True,
-            LEGACY_TAG_PREFIX + TAG_SKIPPED_TRAINING: self.skip_training,
-        }
-        if self.partition_id is not None:
-            tags[LEGACY_TAG_PREFIX + TAG_PARTITION_ID] = self.partition_id
-        return tags
-
-    def fit(self, ins: FitIns) -> FitRes:
-        """Train (unless skipping) and tag the result as Byzantine."""
-        if self.skip_training:
-            return FitRes(
-                Status(Code.OK, "Byzantine node: local training skipped"),
-                ins.parameters,
-                _SKIPPED_WEIGHT,
-                self._tags(),
-            )
-        res = self._delegate.fit(ins)
-        return FitRes(
-            res.status,
-            res.parameters,
-            res.num_examples,
-            {**res.metrics, **self._tags()},
-        )
-
-    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
-        """Delegate."""
-        return self._delegate.get_properties(ins)
-
-    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
-        """Delegate."""
-        return self._delegate.get_parameters(ins)
-
-    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        """Delegate."""
-        return self._delegate.evaluate(ins)
-
-    def to_client(self) -> Client:
-        """Return this client."""
-        return self
+__all__ = ["alie_mod", "make_alie_mod"]
 
 
 def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
@@ -203,7 +93,7 @@ def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
             content = RecordDict(
                 {
                     key: ArrayRecord(dict(record.items())),
-                    "metrics": MetricRecord({"num-examples": _SKIPPED_WEIGHT}),
+                    "metrics": MetricRecord({"num-examples": SKIPPED_WEIGHT}),
                     TAG_RECORD_KEY: tag,
                 }
             )
