@@ -18,7 +18,7 @@ from flwr_alie.evaluation.runtime import flwr_run, superlink
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def flat(weights: dict) -> np.ndarray:

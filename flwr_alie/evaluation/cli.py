@@ -1,103 +1,135 @@
-"""``flwr-alie``: evaluate robust aggregation strategies under the ALIE attack.
+"""``flwr-alie``: measure how much ALIE hurts a Flower aggregation strategy.
 
-Runs a grid of Flower simulations (strategies x Byzantine fractions x z x ...) with
-``flwr run`` on the Simulation Engine, then writes the tidy results, a markdown table
-of final accuracy and PNG plots.
+``flwr-alie [options]`` runs a grid of federated trainings on Flower's Simulation
+Engine (one ``flwr run``), each attacked cell beside its paired clean reference, over
+several seeds, then writes the results, a table of paired differences with 95%
+intervals, and plots. ``flwr-alie report DIR`` rebuilds the table and plots of a
+results folder from its ``results.jsonl`` alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import math
+import os
 import re
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
+from types import FrameType
 from typing import Literal
 
-from flwr_alie.evaluation.app import PROGRESS_TAG
-from flwr_alie.evaluation.grid import Cell, build_grid, save_cells
-from flwr_alie.evaluation.results import (
-    final_accuracy_table,
-    plot_accuracy,
-    plot_heatmap,
-    read_rows,
-)
-from flwr_alie.evaluation.runtime import flwr_run, superlink
+from flwr_alie.attacks import check_z
+from flwr_alie.evaluation.grid import Cell, build_grid, load_cells, save_cells
 from flwr_alie.evaluation.strategies import STRATEGIES
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-_APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "flwr-alie-evaluation"
-version = "1.0.0"
-dependencies = ["flwr-alie"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "flwr-alie"
-
-[tool.flwr.app.components]
-serverapp = "flwr_alie.evaluation.app:server_app"
-clientapp = "flwr_alie.evaluation.app:client_app"
-
-[tool.flwr.app.config]
-grid-path = ""
-results-path = ""
-parallel = 1
-"""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROGRESS_TAG = "[flwr-alie]"  # what the ServerApp prefixes its progress lines with
+_EXTRA = ("sklearn", "matplotlib", "flwr_datasets", "ray", "scipy")
+_MAX_SUPERNODES = 200
+_CELLS_PER_GROUP = 3
+RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "table.md"
+ACCURACY_PLOT, EFFECT_PLOT = "accuracy.png", "effect.png"
+
+
+class _StoppedError(Exception):
+    """SIGINT or SIGTERM arrived; carries the exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# ------------------------------------------------------------------ flag types
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {value!r}"
+            ) from None
+        if number < low:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {value!r}"
+            )
+        return number
+
+    return parse
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 < number < 0.5:
+        raise argparse.ArgumentTypeError(
+            f"expected a Byzantine fraction in (0, 0.5), got {value!r} (the clean "
+            "reference of every attacked cell is run anyway)"
+        )
+    return number
 
 
 def _z(value: str) -> float | Literal["max"]:
     if value == "max":
         return "max"
     try:
-        z = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number or 'max', got {value!r}"
-        ) from None
-    if not z >= 0:
-        raise argparse.ArgumentTypeError(f"expected z >= 0, got {value!r}")
+        z = check_z(float(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}, got {value!r}") from None
+    assert z is not None
     return z
 
 
-def _fraction(value: str) -> float:
-    fraction = float(value)
-    if not 0 <= fraction < 0.5:
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction in [0, 0.5), got {value!r}"
-        )
-    return fraction
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's lines as written; every flag states its default itself."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``flwr-alie``."""
+    """Return the parser of ``flwr-alie`` (the run; ``report`` has its own)."""
     parser = argparse.ArgumentParser(
         prog="flwr-alie",
+        formatter_class=_Formatter,
         description=(
-            "Evaluate Flower aggregation strategies under the 'A Little Is Enough' "
-            "attack (Baruch, Baruch and Goldberg, NeurIPS 2019). Every cell of the "
-            "grid is a federated training on Flower's Simulation Engine; a no-attack "
-            "cell per strategy is the reference. Writes results.jsonl (one row per "
-            "cell and round), table.md and PNG plots to --out."
+            "Evaluate Flower aggregation strategies under the 'A Little Is Enough'\n"
+            "attack (Baruch, Baruch and Goldberg, NeurIPS 2019). Every attacked cell\n"
+            "is paired with its clean reference (same strategy and configuration,\n"
+            "all clients honest, same seed); differences are reported with 95%\n"
+            "intervals across seeds."
         ),
         epilog=(
-            "example: flwr-alie --strategies krum fedmedian --fractions 0.1 0.2 "
-            "--z max 1.0 1.5 --rounds 20 --seeds 0 1 2\n"
-            "Scale out: point RAY_ADDRESS at a running Ray cluster and the simulation "
-            "joins it."
+            "examples:\n"
+            "  flwr-alie\n"
+            "  flwr-alie --strategies krum fedmedian --fractions 0.1 0.2 --z 0 1 max\n"
+            "  flwr-alie --out results/mine --resume\n"
+            "  flwr-alie report results/mine\n"
+            "\n"
+            "z = 0 is the null attack (the Byzantine clients send the honest mean):\n"
+            "what is left of an 'effect' without any shift.\n"
+            "Scale out: point RAY_ADDRESS at a running Ray cluster and the\n"
+            "simulation joins it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     grid = parser.add_argument_group("grid (every combination is a cell)")
     grid.add_argument(
@@ -106,62 +138,111 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STRATEGIES,
         default=list(STRATEGIES),
         metavar="NAME",
-        help=f"strategies among {', '.join(STRATEGIES)}",
+        help=f"strategies among {', '.join(STRATEGIES)} (default: all)",
     )
     grid.add_argument(
         "--fractions",
         nargs="+",
         type=_fraction,
         default=[0.2],
-        help="Byzantine fractions of the clients (0: no attack, always run)",
+        metavar="F",
+        help="Byzantine fractions of the clients, in (0, 0.5) (default: 0.2)",
     )
     grid.add_argument(
         "--z",
         nargs="+",
         type=_z,
-        default=["max", 1.5],
+        default=[1.5],
         dest="zs",
-        help="attack factors: numbers >= 0 or 'max' (z_max of each round)",
+        metavar="Z",
+        help="attack factors: numbers >= 0 or 'max' (z_max of each round) "
+        "(default: 1.5)",
     )
     grid.add_argument(
         "--directions",
         nargs="+",
         default=["negative"],
         choices=["negative", "positive", "opposite-mean"],
+        metavar="D",
+        help="which way the crafted update leaves the honest mean: negative, "
+        "positive, opposite-mean (default: negative)",
     )
     grid.add_argument(
         "--knowledge",
         nargs="+",
         default=["oracle"],
         choices=["oracle", "byzantine-only"],
-        help="statistics of all honest updates (oracle) or of the "
-        "Byzantine nodes' own (byzantine-only, the paper's threat model)",
+        metavar="K",
+        help="statistics of all honest updates (oracle) or of the Byzantine "
+        "clients' own (byzantine-only, the paper's threat model) (default: oracle)",
     )
     grid.add_argument(
         "--splits",
         nargs="+",
         default=["iid", "dirichlet"],
         choices=["iid", "dirichlet"],
-        help="data splits: IID, and Dirichlet over the labels (non-IID)",
+        metavar="S",
+        help="data splits: iid, dirichlet (non-IID over the labels) "
+        "(default: iid dirichlet)",
     )
     grid.add_argument(
         "--alpha",
-        type=float,
+        type=_positive,
         default=0.5,
-        help="Dirichlet concentration of the non-IID split",
+        help="concentration of the Dirichlet split, > 0 (default: %(default)s)",
     )
-    grid.add_argument("--seeds", nargs="+", type=int, default=[0])
+    grid.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_int_at_least(0),
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="seeds, distinct; intervals need two or more (default: 0 1 2)",
+    )
     task = parser.add_argument_group("training")
     task.add_argument(
         "--dataset",
         default="digits",
-        help="'digits' (offline) or a Hugging Face id with image/label "
-        "columns, e.g. ylecun/mnist (needs a network)",
+        help="'digits' (offline) or a Hugging Face id with image/label columns, "
+        "e.g. ylecun/mnist (needs a network) (default: %(default)s)",
     )
-    task.add_argument("--clients", type=int, default=20)
-    task.add_argument("--rounds", type=int, default=10)
-    task.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    task.add_argument("--lr", type=float, default=0.5, help="local SGD learning rate")
+    task.add_argument(
+        "--clients",
+        type=_int_at_least(3),
+        default=20,
+        help="clients n, every one trains each round (default: %(default)s)",
+    )
+    task.add_argument(
+        "--rounds",
+        type=_int_at_least(1),
+        default=15,
+        help="federated rounds (default: %(default)s)",
+    )
+    task.add_argument(
+        "--epochs",
+        type=_int_at_least(1),
+        default=3,
+        help="local epochs per round (default: %(default)s)",
+    )
+    task.add_argument(
+        "--lr",
+        type=_positive,
+        default=0.5,
+        help="local SGD learning rate, > 0 (default: %(default)s)",
+    )
+    task.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        help="local minibatch size (default: %(default)s)",
+    )
+    task.add_argument(
+        "--last",
+        type=_int_at_least(1),
+        default=5,
+        help="a cell's metric: mean test accuracy over its last LAST rounds "
+        "(default: %(default)s)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--out",
@@ -169,27 +250,80 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="results folder (default: results/<date-time>)",
     )
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the run in --out: keep its finished cells, run the others",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the results already in --out first",
+    )
     run.add_argument(
-        "--parallel", type=int, default=0, help="cells run at once (0: all)"
+        "--parallel",
+        type=_int_at_least(0),
+        default=12,
+        help="cells in flight at once, 0 for all (default: %(default)s)",
     )
     run.add_argument(
         "--cpus-per-client",
-        type=int,
+        type=_int_at_least(1),
         default=1,
-        help="CPUs of one ClientApp in the Ray backend",
+        help="CPUs of one ClientApp in the Ray backend (default: %(default)s)",
     )
     run.add_argument(
-        "--timeout", type=float, default=3600, help="seconds for the whole run"
+        "--timeout",
+        type=_positive,
+        default=3600,
+        help="seconds for the whole run (default: %(default)s)",
     )
     run.add_argument(
-        "--verbose", action="store_true", help="show Flower's and Ray's own logs"
+        "--verbose",
+        action="store_true",
+        help="show Flower's and Ray's own logs (default: off)",
     )
     return parser  # fmt: skip
 
 
+def _report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flwr-alie report",
+        description="Rebuild table.md and the plots of a results folder from its "
+        "results.jsonl.",
+    )
+    parser.add_argument("dir", type=Path, help="a folder written by flwr-alie")
+    parser.add_argument(
+        "--last", type=_int_at_least(1), default=5,
+        help="rounds a cell's metric averages (default: %(default)s)",
+    )  # fmt: skip
+    return parser
+
+
+def _missing_extra() -> list[str]:
+    return [name for name in _EXTRA if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the evaluation; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    """Run ``flwr-alie``; return the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    missing = _missing_extra()
+    if missing:
+        print(
+            "flwr-alie: the evaluation needs its extra (missing: "
+            f"{', '.join(missing)}): pip install 'flwr-alie[evaluation]'",
+            file=sys.stderr,
+        )
+        return 2
+    if argv[:1] == ["report"]:
+        args = _report_parser().parse_args(argv[1:])
+        return _report(args.dir, args.last)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.last > args.rounds:
+        parser.error(f"argument --last: expected at most --rounds ({args.rounds}), "
+                     f"got {args.last}")  # fmt: skip
     try:
         cells = build_grid(
             strategies=args.strategies,
@@ -201,85 +335,144 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=args.seeds,
             dataset=args.dataset,
             alpha=args.alpha,
-            rounds=args.rounds,
             clients=args.clients,
+            rounds=args.rounds,
             epochs=args.epochs,
             lr=args.lr,
+            batch_size=args.batch_size,
         )
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    out: Path = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        todo = _prepare(out, cells, resume=args.resume, overwrite=args.overwrite)
     except ValueError as err:
         print(f"flwr-alie: {err}", file=sys.stderr)
         return 2
-    out: Path = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    results_path.unlink(missing_ok=True)
-    started = time.perf_counter()
-    print(
-        f"flwr-alie: {len(cells)} cells, {args.rounds} rounds, {args.clients} "
-        f"clients -> {out}",
-        flush=True,
-    )
-    ok = _run(cells, out, results_path, args)
-    rows = read_rows(results_path) if results_path.exists() else []
-    if not rows:
-        print(
-            "flwr-alie: the run produced no results; rerun with --verbose",
-            file=sys.stderr,
+    return _run_and_report(todo, cells, out, args)
+
+
+def _prepare(
+    out: Path, cells: list[Cell], *, resume: bool, overwrite: bool
+) -> list[Cell]:
+    """Make `out` ready; return the cells still to run."""
+    from flwr_alie.evaluation.results import is_finished, read_rows
+
+    results = out / RESULTS
+    has_results = results.exists() and results.stat().st_size > 0
+    if has_results and not (resume or overwrite):
+        raise ValueError(
+            f"{out} already holds results; pass --resume to finish that run or "
+            "--overwrite to start again"
         )
-        return 1
-    table = final_accuracy_table(rows)
-    (out / "table.md").write_text(table + "\n")
-    plot_accuracy(rows, out / "accuracy.png")
-    plot_heatmap(rows, out / "heatmap.png")
-    print(
-        f"\nFinal test accuracy after {args.rounds} rounds (change from no attack):\n"
-    )
-    print(table)
-    print(f"\nwall time {time.perf_counter() - started:.0f}s")
-    print(f"results: {results_path}\ntable:   {out / 'table.md'}")
-    print(f"plots:   {out / 'accuracy.png'}, {out / 'heatmap.png'}")
-    return 0 if ok else 1
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite or not has_results:
+        for name in (RESULTS, GRID, TABLE, ACCURACY_PLOT, EFFECT_PLOT):
+            (out / name).unlink(missing_ok=True)
+        save_cells(cells, out / GRID)
+        return cells
+    if (out / GRID).exists() and load_cells(out / GRID) != cells:
+        raise ValueError(
+            f"--resume: the options differ from the run in {out} (its grid is "
+            f"{out / GRID}); use the same options, or --overwrite"
+        )
+    rows = read_rows(results)
+    finished = {c.key for c in cells if is_finished(rows, c.key, c.rounds)}
+    kept = [r for r in rows if r["cell"] in finished]
+    results.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    save_cells(cells, out / GRID)
+    todo = [c for c in cells if c.key not in finished]
+    print(f"flwr-alie: resuming {out}: {len(finished)} cells done, {len(todo)} to run")
+    return todo
 
 
-def _run(
-    cells: list[Cell], out: Path, results_path: Path, args: argparse.Namespace
-) -> bool:
-    """Run the cells, one Flower run per client count; return whether all ran."""
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _StoppedError(128 + signum)
+
+
+def _run_and_report(
+    todo: list[Cell], cells: list[Cell], out: Path, args: argparse.Namespace
+) -> int:
+    started = time.perf_counter()
+    previous = {
+        s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     ok = True
-    by_clients: dict[int, list[Cell]] = {}
-    for cell in cells:
-        by_clients.setdefault(cell.clients, []).append(cell)
-    for clients, group in by_clients.items():
-        with tempfile.TemporaryDirectory(prefix="flwr-alie-") as tmp:
-            home = Path(tmp)
-            app = home / "app"
-            app.mkdir()
-            (app / "pyproject.toml").write_text(_APP_PYPROJECT)
-            grid_path = out / f"grid-{clients}.json"
-            save_cells(group, grid_path)
-            parallel = args.parallel or len(group)
-            run_config = (
-                f"grid-path='{grid_path.resolve()}' "
-                f"results-path='{results_path.resolve()}' parallel={parallel}"
+    try:
+        rounds = sum(c.rounds for c in todo)
+        print(
+            f"flwr-alie: {len(todo)} cells ({rounds} cell-rounds), {args.clients} "
+            f"clients, seeds {' '.join(map(str, args.seeds))} -> {out}",
+            flush=True,
+        )
+        if todo:
+            ok = _run(todo, out, args)
+    except (_StoppedError, KeyboardInterrupt) as stop:
+        status = stop.status if isinstance(stop, _StoppedError) else 130
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\nflwr-alie: interrupted; {_saved(out, cells)}; rerun with "
+              f"--out {out} --resume to finish", file=sys.stderr)  # fmt: skip
+        return status
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    status = _report(out, args.last)
+    print(f"wall time {time.perf_counter() - started:.0f}s")
+    return status if ok else 1
+
+
+def _saved(out: Path, cells: list[Cell]) -> str:
+    from flwr_alie.evaluation.results import is_finished, read_rows
+
+    path = out / RESULTS
+    rows = read_rows(path) if path.exists() else []
+    done = sum(is_finished(rows, c.key, c.rounds) for c in cells)
+    return f"{len(rows)} rows saved in {path} ({done} of {len(cells)} cells finished)"
+
+
+def _run(cells: list[Cell], out: Path, args: argparse.Namespace) -> bool:
+    """Run the cells in one Flower run; return whether it ended cleanly."""
+    from flwr_alie.evaluation.runtime import flwr_run, superlink
+
+    parallel = min(len(cells), args.parallel or len(cells))
+    # A node takes one message every 0.1 s, and each 0.1 s Flower's dispatcher scans
+    # every stored message once per node: a few cells per group of n nodes balances
+    # waiting against scanning.
+    groups = max(
+        1, min(math.ceil(parallel / _CELLS_PER_GROUP), _MAX_SUPERNODES // args.clients)
+    )
+    with tempfile.TemporaryDirectory(prefix="flwr-alie-") as tmp:
+        home = Path(tmp)
+        app = home / "app"
+        app.mkdir()
+        source = (
+            resources.files("flwr_alie.evaluation") / "flower_app" / "pyproject.toml"
+        )
+        (app / "pyproject.toml").write_text(source.read_text())
+        grid_path = home / "todo.json"
+        save_cells(cells, grid_path)
+        run_config = (
+            f"grid-path='{grid_path}' results-path='{(out / RESULTS).resolve()}' "
+            f"clients={args.clients} parallel={parallel} cli-pid={os.getpid()}"
+        )
+        federation = (
+            f"num-supernodes={groups * args.clients} "
+            f"client-resources-num-cpus={args.cpus_per_client}"
+        )
+        with superlink(home, simulation=True):
+            result = flwr_run(
+                home,
+                app,
+                run_config,
+                extra=["--federation-config", federation],
+                timeout=args.timeout,
+                on_line=_printer(args.verbose),
             )
-            federation = (
-                f"num-supernodes={clients} "
-                f"client-resources-num-cpus={args.cpus_per_client}"
-            )
-            with superlink(home, simulation=True):
-                result = flwr_run(
-                    home,
-                    app,
-                    run_config,
-                    extra=["--federation-config", federation],
-                    timeout=args.timeout,
-                    on_line=_printer(args.verbose),
-                )
-            if result.returncode != 0 or "ERROR" in result.stdout:
-                ok = False
-                if not args.verbose:
-                    print(_ANSI.sub("", result.stdout[-4000:]), file=sys.stderr)
-    return ok
+    failed = result.returncode != 0 or "ERROR" in result.stdout
+    if failed and not args.verbose:
+        print(_ANSI.sub("", result.stdout[-4000:]), file=sys.stderr)
+    return not failed
 
 
 def _printer(verbose: bool) -> Callable[[str], None]:
@@ -288,10 +481,37 @@ def _printer(verbose: bool) -> Callable[[str], None]:
     def show(line: str) -> None:
         if verbose:
             print(line, flush=True)
-        elif PROGRESS_TAG in line:
-            print(_ANSI.sub("", line).split(PROGRESS_TAG, 1)[1].strip(), flush=True)
+        elif _PROGRESS_TAG in line:
+            print(_ANSI.sub("", line).split(_PROGRESS_TAG, 1)[1].strip(), flush=True)
 
     return show
+
+
+def _report(out: Path, last: int) -> int:
+    """Write table.md and the plots of `out` from its results.jsonl; print the table."""
+    from flwr_alie.evaluation.results import (
+        paired_table,
+        plot_accuracy,
+        plot_effect,
+        read_rows,
+    )
+
+    path = out / RESULTS
+    rows = read_rows(path) if path.exists() else []
+    if not rows:
+        print(f"flwr-alie: no results in {path}; rerun with --verbose", file=sys.stderr)
+        return 1
+    table = paired_table(rows, last=last)
+    (out / TABLE).write_text(table + "\n")
+    plot_accuracy(rows, out / ACCURACY_PLOT, last=last)
+    plot_effect(rows, out / EFFECT_PLOT, last=last)
+    print(f"\nTest accuracy, mean of the last {last} rounds, ± half the 95% interval "
+          "across seeds;\neffects are paired differences [95% interval], * where it "
+          "excludes 0:\n")  # fmt: skip
+    print(table)
+    print(f"\nresults: {path}\ntable:   {out / TABLE}")
+    print(f"plots:   {out / ACCURACY_PLOT}, {out / EFFECT_PLOT}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,142 +1,236 @@
-"""The experiment grid: one cell per configuration, each a full federated training."""
+"""The experiment grid: attacked cells, each with its paired clean reference.
+
+Every attacked cell (a strategy configured for ``f`` Byzantine nodes, ``f`` of the
+``n`` clients running ALIE) has a reference: the same strategy, configured
+identically, with all ``n`` clients honest, on the same seed. A clean FedAvg cell per
+split and seed measures each defence's own cost. Within a seed every cell shares the
+initial model, the partitions and the Byzantine partition ids (the first ``f`` of
+one permutation of the clients drawn from the seed), and every honest client draws
+the same minibatches given (seed, round, partition): common random numbers, so that
+a difference between two cells is the difference of their configurations.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flwr_alie.attacks import Direction
 from flwr_alie.config import ALIEConfig, Knowledge
-from flwr_alie.evaluation.strategies import STRATEGIES
+from flwr_alie.evaluation.strategies import spec
 
-__all__ = ["Cell", "build_grid", "load_cells", "save_cells"]
+__all__ = [
+    "Cell",
+    "build_grid",
+    "byzantine_ids",
+    "count_for",
+    "load_cells",
+    "save_cells",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One configuration: a strategy against ALIE (or no attack) on one data split.
+    """One federated training: a strategy, a data split, a seed, and an attack or none.
 
-    ``fraction == 0`` is the no-attack cell; its `z`, `direction` and `knowledge`
-    are not used (and are set to ``"none"`` in the results).
+    ``declared`` is the number of Byzantine nodes the strategy is configured for
+    (``num_malicious_nodes``, the trimmed count); ``byzantine_ids`` the partitions
+    that attack (empty for a clean cell). `z`, `direction` and `knowledge` are
+    ``None`` in a clean cell.
     """
 
     strategy: str
-    fraction: float
-    z: float | Literal["max"]
-    direction: str
-    knowledge: Knowledge
     split: str
     seed: int
+    declared: int
+    byzantine_ids: tuple[int, ...] = ()
+    z: float | Literal["max"] | None = None
+    direction: str | None = None
+    knowledge: Knowledge | None = None
     dataset: str = "digits"
     alpha: float = 0.5
-    rounds: int = 20
     clients: int = 20
-    epochs: int = 1
+    rounds: int = 15
+    epochs: int = 3
     lr: float = 0.5
+    batch_size: int = 8
 
     @property
     def attacked(self) -> bool:
-        """Whether the cell has Byzantine nodes."""
-        return self.fraction > 0
+        """Whether some clients are Byzantine."""
+        return bool(self.byzantine_ids)
+
+    @property
+    def attack(self) -> str:
+        """The attack's label: ``clean``, or ``z=1.5`` plus what is not the default."""
+        if not self.attacked:
+            return "clean"
+        label = f"z={self.z}"
+        if self.direction != Direction.NEGATIVE.value:
+            label += f" {self.direction}"
+        if self.knowledge != "oracle":
+            label += f" {self.knowledge}"
+        return label
 
     @property
     def key(self) -> str:
-        """A readable identity of the cell, unique within a grid."""
-        attack = (
-            f"f{self.fraction:g}-z{self.z}-{self.direction}-{self.knowledge}"
-            if self.attacked
-            else "no-attack"
+        """A readable identity, unique within a grid."""
+        return (
+            f"{self.strategy}@f{self.declared}/{self.attack.replace(' ', ',')}/"
+            f"byz{len(self.byzantine_ids)}/{self.split}/seed{self.seed}"
         )
-        return f"{self.strategy}/{attack}/{self.split}/seed{self.seed}"
+
+    def reference(self) -> Cell:
+        """Return the paired clean cell: same strategy and configuration, all honest."""
+        return dataclasses.replace(
+            self, byzantine_ids=(), z=None, direction=None, knowledge=None
+        )
+
+    def fedavg_reference(self) -> Cell:
+        """Return the clean FedAvg cell of the same split and seed."""
+        return dataclasses.replace(self.reference(), strategy="fedavg", declared=0)
 
     def alie_config(self) -> ALIEConfig:
-        """Return the attack options (the Byzantine draw uses the cell's seed)."""
+        """Return the attack options of the cell (no Byzantine node when clean)."""
         return ALIEConfig(
-            z=self.z,
-            direction=Direction(self.direction),
-            knowledge=self.knowledge,
-            fraction=self.fraction,
+            z="max" if self.z is None else self.z,
+            direction=Direction(self.direction or Direction.NEGATIVE.value),
+            knowledge=self.knowledge or "oracle",
+            byzantine_ids=self.byzantine_ids,
             seed=self.seed,
         )
 
-    def num_byzantine(self) -> int:
-        """Return the number of Byzantine clients of this cell."""
-        return len(self.alie_config().byzantine_partitions(self.clients))
+    def problems(self) -> list[str]:
+        """Why the cell cannot run (empty if it can); no strategy is built."""
+        from flwr_alie.evaluation.strategies import make_strategy
+        from flwr_alie.limits import check_setup
+
+        f = len(self.byzantine_ids)
+        inner = make_strategy(
+            self.strategy, num_nodes=self.clients, num_byzantine=self.declared
+        )
+        z = self.z if self.z is not None else 0.0
+        return check_setup(inner, num_nodes=self.clients, num_byzantine=f, z=z)
+
+
+def count_for(fraction: float, clients: int) -> int:
+    """Return the Byzantine count of `fraction` of `clients`, or say why there is none.
+
+    ``round(fraction * clients)``; ``ValueError`` when that is 0 (nothing would be
+    attacked), naming the smallest fraction that gives one, or when it is half the
+    clients or more (no honest majority).
+
+    Examples
+    --------
+    >>> count_for(0.2, 20)
+    4
+    """
+    count = round(fraction * clients)
+    if count < 1:
+        raise ValueError(
+            f"--fractions {fraction:g} gives round({fraction:g} * {clients}) = 0 "
+            f"Byzantine clients of {clients}, so nothing would be attacked; the "
+            f"nearest valid fraction is {1 / clients:g} (1 of {clients})"
+        )
+    if 2 * count >= clients:
+        raise ValueError(
+            f"--fractions {fraction:g} gives {count} Byzantine clients of {clients}, "
+            "not a minority; use a fraction below 0.5"
+        )
+    return count
+
+
+def byzantine_ids(seed: int, clients: int, count: int) -> tuple[int, ...]:
+    """Return a seed's Byzantine partitions: the first `count` of a permutation.
+
+    Nested across counts: the 2 Byzantine clients of a seed are among its 4.
+
+    Examples
+    --------
+    >>> set(byzantine_ids(0, 20, 2)) <= set(byzantine_ids(0, 20, 4))
+    True
+    """
+    order = random.Random(seed).sample(range(clients), clients)
+    return tuple(sorted(order[:count]))
 
 
 def build_grid(
     *,
-    strategies: Sequence[str] = STRATEGIES,
+    strategies: Sequence[str],
     fractions: Sequence[float] = (0.2,),
-    zs: Sequence[float | Literal["max"]] = ("max", 1.5),
+    zs: Sequence[float | Literal["max"]] = (1.5,),
     directions: Sequence[str] = ("negative",),
     knowledge: Sequence[Knowledge] = ("oracle",),
     splits: Sequence[str] = ("iid",),
-    seeds: Sequence[int] = (0,),
-    dataset: str = "digits",
-    alpha: float = 0.5,
-    rounds: int = 20,
-    clients: int = 20,
-    epochs: int = 1,
-    lr: float = 0.5,
+    seeds: Sequence[int] = (0, 1, 2),
+    **task: Any,
 ) -> list[Cell]:
-    """Return the cells of the full product, plus one no-attack cell per strategy.
+    """Return the attacked cells, their clean references and clean FedAvg, deduplicated.
 
-    A fraction of 0 in `fractions` is the no-attack cell; it is added once per
-    strategy, split and seed whether listed or not, as the reference of the drop in
-    accuracy. The remaining arguments set the :class:`Cell` fields of that name.
+    For every strategy, split, seed and fraction: the clean reference (the strategy
+    configured for ``f = round(fraction * clients)``, all clients honest), and one
+    attacked cell per ``z``, direction and knowledge; per split and seed, clean
+    FedAvg. `task` sets the remaining :class:`Cell` fields (``clients``,
+    ``rounds``, ...). Every option is checked here, before anything runs.
 
     Examples
     --------
-    >>> cells = build_grid(strategies=["krum"], zs=["max", 1.5], rounds=2)
+    >>> cells = build_grid(strategies=["krum"], zs=[1.5], seeds=[0], rounds=2)
     >>> [c.key for c in cells]  # doctest: +NORMALIZE_WHITESPACE
-    ['krum/no-attack/iid/seed0',
-     'krum/f0.2-zmax-negative-oracle/iid/seed0',
-     'krum/f0.2-z1.5-negative-oracle/iid/seed0']
+    ['krum@f4/clean/byz0/iid/seed0',
+     'krum@f4/z=1.5/byz4/iid/seed0',
+     'fedavg@f0/clean/byz0/iid/seed0']
     """
     for name in strategies:
-        if name not in STRATEGIES:
-            raise ValueError(f"Expected strategies among {STRATEGIES}, got {name!r}")
+        spec(name)  # ValueError naming the choices
     for direction in directions:
-        Direction(direction)  # raises ValueError naming the bad value
-    cells: list[Cell] = []
+        Direction(direction)  # ValueError naming the bad value
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
+    clients = int(task.get("clients", Cell.clients))
+    counts = [count_for(fraction, clients) for fraction in fractions]
+    cells: dict[str, Cell] = {}
+
+    def add(cell: Cell) -> None:
+        cells.setdefault(cell.key, cell)
+
     for strategy, split, seed in itertools.product(strategies, splits, seeds):
-        make = functools.partial(
-            Cell,
-            strategy=strategy,
-            split=split,
-            seed=seed,
-            dataset=dataset,
-            alpha=alpha,
-            rounds=rounds,
-            clients=clients,
-            epochs=epochs,
-            lr=lr,
-        )
-        cells.append(
-            make(fraction=0.0, z=0.0, direction="negative", knowledge="oracle")
-        )
-        attacked = itertools.product(
-            [f for f in fractions if f > 0], zs, directions, knowledge
-        )
-        cells.extend(
-            make(fraction=f, z=z, direction=d, knowledge=k) for f, z, d, k in attacked
-        )
-    for each in cells:
-        each.alie_config()  # check every option before anything runs
-    return cells
+        base = Cell(strategy=strategy, split=split, seed=seed, declared=0, **task)
+        for count in counts:
+            declared = count if spec(strategy).uses_f else 0
+            reference = dataclasses.replace(base, declared=declared)
+            add(reference)
+            ids = byzantine_ids(seed, clients, count)
+            for z, direction, known in itertools.product(zs, directions, knowledge):
+                add(
+                    dataclasses.replace(
+                        reference,
+                        byzantine_ids=ids,
+                        z=z,
+                        direction=direction,
+                        knowledge=known,
+                    )
+                )
+        add(dataclasses.replace(base, strategy="fedavg"))
+    for cell in cells.values():
+        cell.alie_config()  # checks z, direction and knowledge
+    return list(cells.values())
 
 
 def save_cells(cells: Iterable[Cell], path: Path) -> None:
-    """Write cells as JSON (the ServerApp of the evaluation reads them back)."""
+    """Write cells as JSON (the evaluation's ServerApp reads them back)."""
     path.write_text(json.dumps([dataclasses.asdict(c) for c in cells], indent=1))
 
 
 def load_cells(path: Path) -> list[Cell]:
     """Read cells written by :func:`save_cells`."""
-    return [Cell(**c) for c in json.loads(path.read_text())]
+    cells = []
+    for fields in json.loads(path.read_text()):
+        fields["byzantine_ids"] = tuple(fields["byzantine_ids"])
+        cells.append(Cell(**fields))
+    return cells

@@ -1,201 +1,378 @@
-"""The results of an evaluation: the tidy rows, a markdown table and PNG plots."""
+"""The results of an evaluation: rows, the paired table and the plots.
+
+``results.jsonl`` holds one row per cell, seed and round (plus one row for a cell
+that could not run). Everything else is computed from it: a cell's *metric* is its
+mean test accuracy over the last rounds, and every comparison pairs two cells of
+the same seed (:mod:`flwr_alie.evaluation.stats`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr_alie.evaluation.stats import Interval, mean_interval, paired_difference
 from flwr_alie.evaluation.strategies import STRATEGIES
 
 __all__ = [
-    "attack_label",
-    "final_accuracy_table",
+    "Summary",
+    "is_finished",
+    "paired_table",
+    "plateau_checks",
     "plot_accuracy",
-    "plot_heatmap",
+    "plot_effect",
     "read_rows",
+    "summarize",
 ]
 
 Row = dict[str, Any]
+# (strategy, split, f) names a table row; the attack label a column
+RowKey = tuple[str, str, int]
 
 
 def read_rows(path: Path) -> list[Row]:
-    """Read the JSON-lines results file: one row per cell and round."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Read a results file; a line cut short by an interrupt is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
-def attack_label(row: Row) -> str:
-    """Return how the table names the attack of a row."""
-    if row["fraction"] == 0:
-        return "no attack"
-    label = f"f={row['fraction']:g} z={row['z']}"
-    if row["direction"] != "negative":
-        label += f" {row['direction']}"
-    if row["knowledge"] != "oracle":
-        label += f" {row['knowledge']}"
-    return label
+def _order(name: str) -> tuple[int, str]:
+    return (STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES), name)
 
 
-def _group(rows: Iterable[Row]) -> dict[tuple[str, str, str], list[Row]]:
-    """Rows by (strategy, split, attack), keeping each cell's last round."""
-    last: dict[str, Row] = {}
-    for row in rows:
-        key = row["cell"]
-        if (
-            row.get("round") is None
-            or key not in last
-            or row["round"] > last[key]["round"]
-        ):
-            last[key] = row
-    groups: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
-    for row in last.values():
-        groups[(row["strategy"], row["split"], attack_label(row))].append(row)
-    return groups
+class Summary:
+    """Per-cell metrics by seed, and how cells pair up, from the rows of a run.
 
-
-def _strategies(rows: Sequence[Row]) -> list[str]:
-    """Strategies in the order of :data:`STRATEGIES` (others after, by name)."""
-    names = {row["strategy"] for row in rows}
-    known = [name for name in STRATEGIES if name in names]
-    return known + sorted(names - set(known))
-
-
-def _columns(rows: Sequence[Row]) -> list[str]:
-    seen: dict[str, tuple[float, str]] = {}
-    for row in rows:
-        seen.setdefault(attack_label(row), (row["fraction"], str(row["z"])))
-    return sorted(seen, key=lambda c: (c != "no attack", seen[c]))
-
-
-def final_accuracy_table(rows: Sequence[Row]) -> str:
-    """Markdown table of final test accuracy: strategy (and split) x attack.
-
-    Each attacked cell shows the accuracy after the last round (mean over seeds,
-    with the standard deviation when there are several) and, in parentheses, the
-    change from the no-attack cell of the same strategy and split. A configuration
-    that cannot run shows ``invalid`` with its reason below the table; a cell that
-    failed shows ``error``.
+    Parameters
+    ----------
+    rows : Sequence[Row]
+        The rows of ``results.jsonl``.
+    last : int
+        How many final rounds a cell's metric averages.
     """
-    groups = _group(rows)
-    columns = _columns(rows)
-    splits = sorted({row["split"] for row in rows})
-    strategies = _strategies(rows)
-    header = ["strategy", *(["split"] if len(splits) > 1 else []), *columns]
+
+    def __init__(self, rows: Sequence[Row], last: int) -> None:
+        self.last = last
+        # cell key without the seed -> seed -> metric
+        self.metric: dict[str, dict[int, float]] = defaultdict(dict)
+        self.curves: dict[str, dict[int, dict[int, float]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )
+        self.failed: dict[str, str] = {}  # setting -> status and reason
+        self.info: dict[str, Row] = {}
+        per_cell: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+        for row in rows:
+            setting = _setting(row)
+            self.info.setdefault(setting, row)
+            if row.get("status") != "ok":
+                reason = f"{row.get('status')}: {row.get('reason', '')}"
+                self.failed.setdefault(setting, reason)
+                continue
+            per_cell[(setting, row["seed"])][row["round"]] = row["accuracy"]
+            self.curves[setting][row["seed"]][row["round"]] = row["accuracy"]
+        for (setting, seed), by_round in per_cell.items():
+            rounds = int(self.info[setting]["rounds"])
+            wanted = range(max(1, rounds - last + 1), rounds + 1)
+            if all(r in by_round for r in wanted):  # a finished cell only
+                self.metric[setting][seed] = sum(by_round[r] for r in wanted) / len(
+                    wanted
+                )
+
+    def rows_and_columns(self) -> tuple[list[RowKey], list[str]]:
+        """Return the table's rows (strategy, split, f) and attack columns."""
+        rows: set[RowKey] = set()
+        columns: dict[str, tuple[int, str]] = {}
+        for row in self.info.values():
+            if row["attack"] != "clean":
+                rows.add((row["strategy"], row["split"], row["num_byzantine"]))
+                columns.setdefault(row["attack"], (len(columns), row["attack"]))
+        ordered = sorted(rows, key=lambda r: (_order(r[0]), r[1], r[2]))
+        return ordered, sorted(columns, key=lambda c: columns[c])
+
+    def find(self, key: RowKey, attack: str) -> str | None:
+        """Return the setting of a table row's cell (``clean``: its reference)."""
+        strategy, split, _ = key
+        attacked = [
+            s
+            for s, row in self.info.items()
+            if (row["strategy"], row["split"], row["num_byzantine"]) == key
+            and row["attack"] != "clean"
+        ]
+        if attack != "clean":
+            return next((s for s in attacked if self.info[s]["attack"] == attack), None)
+        declared = {self.info[s]["declared"] for s in attacked}
+        return next(
+            (
+                s
+                for s, row in self.info.items()
+                if row["attack"] == "clean"
+                and (row["strategy"], row["split"]) == (strategy, split)
+                and row["declared"] in declared
+            ),
+            None,
+        )
+
+    def fedavg(self, split: str) -> str | None:
+        """Return the setting of clean FedAvg on `split`."""
+        return next(
+            (
+                s
+                for s, row in self.info.items()
+                if row["attack"] == "clean"
+                and row["strategy"] == "fedavg"
+                and row["split"] == split
+            ),
+            None,
+        )
+
+    def accuracy(self, setting: str | None) -> Interval | None:
+        """Return the cell's metric across seeds, with its interval."""
+        if setting is None or not self.metric.get(setting):
+            return None
+        return mean_interval(list(self.metric[setting].values()))
+
+    def difference(self, a: str | None, b: str | None) -> Interval | None:
+        """Paired ``a - b`` across the seeds both finished."""
+        if a is None or b is None:
+            return None
+        ma, mb = self.metric.get(a, {}), self.metric.get(b, {})
+        if not set(ma) & set(mb):
+            return None
+        return paired_difference(ma, mb)
+
+
+def _setting(row: Row) -> str:
+    """Return a cell's key without its seed: what seeds are paired over."""
+    return str(row["cell"]).rsplit("/seed", 1)[0]
+
+
+def summarize(rows: Sequence[Row], last: int) -> Summary:
+    """Return the :class:`Summary` of `rows`."""
+    return Summary(rows, last)
+
+
+def _acc(interval: Interval | None) -> str:
+    if interval is None:
+        return ""
+    if interval.half_width is None:
+        return f"{interval.mean:.3f}"
+    return f"{interval.mean:.3f} ± {interval.half_width:.3f}"
+
+
+def _diff(interval: Interval | None) -> str:
+    if interval is None:
+        return ""
+    text = f"{interval.mean:+.3f}"
+    if interval.low is not None and interval.high is not None:
+        text += f" [{interval.low:+.3f}, {interval.high:+.3f}]"
+    return text + (" *" if interval.significant else "")
+
+
+def paired_table(rows: Sequence[Row], *, last: int) -> str:
+    """Return the markdown table of a run: references, costs, effects.
+
+    Per strategy, split and ``f``: the clean reference, the defence's cost, and for
+    each attack the accuracy under attack and its effect.
+
+    - *clean*: the strategy configured for ``f`` Byzantine nodes, all clients
+      honest; mean accuracy over the last `last` rounds, ± the half-width of its
+      95% interval across seeds.
+    - *cost vs FedAvg*: clean strategy minus clean FedAvg, paired by seed.
+    - *<attack>*: accuracy with ``f`` clients running ALIE.
+    - *effect*: attacked minus clean, paired by seed, ``[95% interval]``, and
+      ``*`` where the interval excludes 0.
+    """
+    summary = summarize(rows, last)
+    keys, columns = summary.rows_and_columns()
+    clients = {row["clients"] for row in rows}
+    n = next(iter(clients)) if len(clients) == 1 else None
+    header = ["strategy", "split", "f", "clean", "cost vs FedAvg"]
+    for column in columns:
+        header += [column, f"effect of {column}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: list[str] = []
-    for strategy in strategies:
-        for split in splits:
-            reference = _mean_accuracy(groups.get((strategy, split, "no attack"), []))
-            cells = []
-            for column in columns:
-                group = groups.get((strategy, split, column), [])
-                cells.append(_format_cell(group, column, reference, notes))
-            label = [strategy, *([split] if len(splits) > 1 else [])]
-            lines.append("| " + " | ".join(label + cells) + " |")
+
+    def mark(setting: str | None) -> str | None:
+        if setting is None or setting not in summary.failed:
+            return None
+        row = summary.info[setting]
+        notes.append(
+            f"{row['strategy']} ({row['split']}, {row['attack']}, "
+            f"f={row['num_byzantine']}/{row['clients']}): {summary.failed[setting]}"
+        )
+        return f"{summary.failed[setting].split(':')[0]} ({len(notes)})"
+
+    for key in keys:
+        strategy, split, f = key
+        clean = summary.find(key, "clean")
+        cells = [
+            strategy,
+            split,
+            f"{f}/{n}" if n is not None else str(f),
+            mark(clean) or _acc(summary.accuracy(clean)),
+            _diff(summary.difference(clean, summary.fedavg(split)))
+            if strategy != "fedavg"
+            else "",
+        ]
+        for column in columns:
+            attacked = summary.find(key, column)
+            failed = mark(attacked)
+            cells += [
+                failed or _acc(summary.accuracy(attacked)),
+                "" if failed else _diff(summary.difference(attacked, clean)),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")
         lines.extend(f"{i + 1}. {note}" for i, note in enumerate(notes))
+    checks = plateau_checks(summary)
+    if checks:
+        lines.append("")
+        lines.extend(checks)
     return "\n".join(lines)
 
 
-def _mean_accuracy(group: Sequence[Row]) -> float | None:
-    values = [row["accuracy"] for row in group if row.get("status") == "ok"]
-    return statistics.fmean(values) if values else None
+def plateau_checks(summary: Summary) -> list[str]:
+    """Say whether clean FedAvg has stopped learning by the end of the run.
+
+    Per split: clean FedAvg's mean accuracy over the last ``last`` rounds minus its
+    mean over the ``last`` rounds before, paired by seed. An interval that holds 0
+    (or a small change) says the metric measures where training ends, not how fast
+    it gets there.
+    """
+    lines = []
+    for setting, curves in sorted(summary.curves.items()):
+        row = summary.info[setting]
+        if row["strategy"] != "fedavg" or row["attack"] != "clean":
+            continue
+        rounds, last = int(row["rounds"]), summary.last
+        if rounds < 2 * last:
+            continue
+        window = range(rounds - last + 1, rounds + 1)
+        before = range(rounds - 2 * last + 1, rounds - last + 1)
+        gain = {}
+        for seed, curve in curves.items():
+            if all(r in curve for r in (*window, *before)):
+                late = sum(curve[r] for r in window) / last
+                gain[seed] = late - sum(curve[r] for r in before) / last
+        if gain:
+            interval = mean_interval(list(gain.values()))
+            lines.append(
+                f"Plateau check ({row['split']}): clean FedAvg's rounds "
+                f"{window.start}-{window.stop - 1} minus rounds {before.start}-"
+                f"{before.stop - 1}: {_diff(interval)}"
+            )
+    return lines
 
 
-def _format_cell(
-    group: Sequence[Row], column: str, reference: float | None, notes: list[str]
-) -> str:
-    if not group:
-        return ""
-    bad = [row for row in group if row.get("status") != "ok"]
-    if bad:
-        notes.append(f"{bad[0]['strategy']}, {column}: {bad[0].get('reason', '')}")
-        return f"{bad[0]['status']} ({len(notes)})"
-    values = [row["accuracy"] for row in group]
-    mean = statistics.fmean(values)
-    text = f"{mean:.3f}"
-    if len(values) > 1:
-        text += f" ± {statistics.stdev(values):.3f}"
-    if reference is not None and column != "no attack":
-        text += f" ({mean - reference:+.3f})"
-    return text
-
-
-def plot_accuracy(rows: Sequence[Row], path: Path) -> None:
-    """Plot test accuracy per round: a line per strategy, a panel per attack."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [row for row in rows if row.get("status") == "ok"]
-    columns = _columns(ok)
-    splits = sorted({row["split"] for row in ok})
+    return plt
+
+
+def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
+    """Plot test accuracy per round, with 95% bands across seeds.
+
+    A panel per split and ``f`` (rows) and attack (columns, clean first), a line
+    per strategy.
+    """
+    plt = _pyplot()
+    summary = summarize(rows, last)
+    keys, columns = summary.rows_and_columns()
+    panels = sorted({(split, f) for _, split, f in keys})
+    columns = ["clean", *columns]
     fig, axes = plt.subplots(
-        len(splits),
+        len(panels),
         len(columns),
-        figsize=(4.2 * len(columns), 3.3 * len(splits)),
+        figsize=(4.2 * len(columns), 3.3 * len(panels)),
         sharey=True,
         squeeze=False,
     )
-    for split, panels in zip(splits, axes, strict=True):
-        for ax, column in zip(panels, columns, strict=True):
-            for strategy in _strategies(ok):
-                curve: dict[int, list[float]] = defaultdict(list)
-                for row in ok:
-                    if (row["strategy"], row["split"], attack_label(row)) == (
-                        strategy,
-                        split,
-                        column,
-                    ):
-                        curve[row["round"]].append(row["accuracy"])
-                rounds = sorted(curve)
-                means = [statistics.fmean(curve[r]) for r in rounds]
-                ax.plot(rounds, means, label=strategy)
-            ax.set_title(column if len(splits) == 1 else f"{split}: {column}")
+    strategies = sorted({s for s, _, _ in keys}, key=_order)
+    for (split, f), line in zip(panels, axes, strict=True):
+        for ax, column in zip(line, columns, strict=True):
+            for strategy in strategies:
+                setting = summary.find((strategy, split, f), column)
+                curves = summary.curves.get(setting or "", {})
+                if not curves:
+                    continue
+                rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
+                stats = [mean_interval([c[r] for c in curves.values()]) for r in rounds]
+                means = [s.mean for s in stats]
+                (drawn,) = ax.plot(rounds, means, label=strategy)
+                if all(s.low is not None for s in stats):
+                    ax.fill_between(
+                        rounds,
+                        [s.low for s in stats],
+                        [s.high for s in stats],
+                        color=drawn.get_color(),
+                        alpha=0.15,
+                        linewidth=0,
+                    )
+            ax.set_title(f"{split}, f={f}: {column}")
             ax.set_xlabel("round")
+            ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
-        panels[0].set_ylabel("test accuracy")
+        line[0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_heatmap(rows: Sequence[Row], path: Path) -> None:
-    """Plot final accuracy as a heatmap: strategies (x splits) x attacks."""
-    import matplotlib
+def plot_effect(rows: Sequence[Row], path: Path, *, last: int) -> None:
+    """Plot the attack's effect (attacked minus clean, by seed) as a heatmap.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``*`` marks an interval that excludes 0; ``n/a`` a cell that cannot run.
+    """
+    plt = _pyplot()
     import numpy as np
 
-    groups = _group(rows)
-    columns = _columns(rows)
-    splits = sorted({row["split"] for row in rows})
-    labels = [(strategy, split) for split in splits for strategy in _strategies(rows)]
-    values = np.full((len(labels), len(columns)), np.nan)
-    for i, (strategy, split) in enumerate(labels):
+    summary = summarize(rows, last)
+    keys, columns = summary.rows_and_columns()
+    values = np.full((len(keys), len(columns)), np.nan)
+    text = [["" for _ in columns] for _ in keys]
+    for i, key in enumerate(keys):
+        clean = summary.find(key, "clean")
         for j, column in enumerate(columns):
-            mean = _mean_accuracy(groups.get((strategy, split, column), []))
-            values[i, j] = math.nan if mean is None else mean
-    fig, ax = plt.subplots(figsize=(1.9 * len(columns) + 2.8, 0.5 * len(labels) + 1.5))
+            diff = summary.difference(summary.find(key, column), clean)
+            if diff is not None:
+                values[i, j] = diff.mean
+                text[i][j] = f"{diff.mean:+.2f}" + ("*" if diff.significant else "")
+    fig, ax = plt.subplots(figsize=(1.9 * len(columns) + 3.2, 0.42 * len(keys) + 1.6))
     ax.set_facecolor("#dddddd")
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for i in range(len(labels)):
+    bound = max(
+        0.05, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0
+    )
+    image = ax.imshow(values, vmin=-bound, vmax=bound, cmap="RdBu", aspect="auto")
+    for i in range(len(keys)):
         for j in range(len(columns)):
-            text = "invalid" if math.isnan(values[i, j]) else f"{values[i, j]:.2f}"
-            color = "black" if values[i, j] > 0.6 else "white"
-            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
+            ax.text(j, i, text[i][j] or "n/a", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
-    names = [s if len(splits) == 1 else f"{s} ({split})" for s, split in labels]
-    ax.set_yticks(range(len(labels)), names)
-    fig.colorbar(image, ax=ax, label="final test accuracy")
+    ax.set_yticks(range(len(keys)), [f"{s} ({sp}, f={f})" for s, sp, f in keys])
+    fig.colorbar(image, ax=ax, label="effect on accuracy (attacked - clean)")
+    ax.set_title("ALIE's effect; * : 95% interval across seeds excludes 0")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def is_finished(rows: Sequence[Row], cell: str, rounds: int) -> bool:
+    """Whether `cell` has all its rounds (or was reported invalid) in `rows`."""
+    done = {r["round"] for r in rows if r["cell"] == cell and r.get("status") == "ok"}
+    invalid = any(r["cell"] == cell and r.get("status") == "invalid" for r in rows)
+    return invalid or all(r in done for r in range(rounds + 1))

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["flower_env", "flwr_run", "superlink"]
+__all__ = ["descendants", "flower_env", "flwr_run", "superlink"]
 
 BIN = Path(sys.executable).parent
 
@@ -59,18 +59,73 @@ def _short_tmpdir(home: Path) -> str:
     return link.read_text()
 
 
+def descendants(pid: int) -> list[int]:
+    """Return the live descendants of `pid` (Linux ``/proc``; empty elsewhere).
+
+    Flower's SuperExec starts ``flwr-simulation`` in a session of its own, and Ray's
+    processes in it, so stopping the SuperLink's process group alone leaves them
+    running: they are found here, through their parents, before anything is
+    stopped.
+    """
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # a zombie holds no resources
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _stop(processes: Sequence[subprocess.Popen[bytes] | subprocess.Popen[str]]) -> None:
+    """Stop `processes` and everything they started, by process group.
+
+    SIGTERM to every process group among them and their descendants, then SIGKILL
+    to what is left after 10 s.
+    """
+    pids = [p.pid for p in processes]
     for proc in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        pids += descendants(proc.pid)
+    groups = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            groups.add(os.getpgid(pid))
+    groups.discard(os.getpgrp())  # never this process's own group
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGTERM)
     deadline = time.monotonic() + 10
     for proc in processes:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for proc in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -118,7 +173,7 @@ def superlink(
             "--insecure",
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--database", str(home / "state.db"),
+            "--database", ":flwr-in-memory-state:",
             "--disable-runtime-dependency-installation",
         ]  # fmt: skip
         if simulation:

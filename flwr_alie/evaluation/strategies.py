@@ -1,7 +1,9 @@
-"""The robust strategies under evaluation, configured from the Byzantine count."""
+"""The strategies under evaluation: one row each, built from ``n`` and ``f``."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -14,9 +16,58 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-__all__ = ["STRATEGIES", "make_strategy"]
+__all__ = ["STRATEGIES", "StrategySpec", "make_strategy"]
 
-STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+@dataclasses.dataclass(frozen=True)
+class StrategySpec:
+    """How the evaluation builds one strategy.
+
+    Attributes
+    ----------
+    factory : Callable[[int, int, dict], Strategy]
+        ``(n, f, common) -> strategy``, with ``f`` the number of Byzantine nodes the
+        strategy is configured for and ``common`` Flower's sampling options.
+    uses_f : bool
+        Whether the configuration depends on ``f`` (FedAvg's and the median's do
+        not): a strategy that does not gets one clean reference for all fractions.
+    """
+
+    factory: Callable[[int, int, dict[str, Any]], Strategy]
+    uses_f: bool
+
+
+def _trimmed(n: int, f: int, common: dict[str, Any]) -> Strategy:
+    # Flower trims int(beta * n) from each end: beta = (f + 1/2) / n trims exactly f
+    return FedTrimmedAvg(**common, beta=min((f + 0.5) / n, 0.49))
+
+
+_TABLE: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec(lambda n, f, c: FedAvg(**c), uses_f=False),
+    "fedmedian": StrategySpec(lambda n, f, c: FedMedian(**c), uses_f=False),
+    "fedtrimmedavg": StrategySpec(_trimmed, uses_f=True),
+    "krum": StrategySpec(lambda n, f, c: Krum(**c, num_malicious_nodes=f), True),
+    "multikrum": StrategySpec(
+        lambda n, f, c: MultiKrum(
+            **c, num_malicious_nodes=f, num_nodes_to_select=n - f
+        ),
+        uses_f=True,
+    ),
+    "bulyan": StrategySpec(lambda n, f, c: Bulyan(**c, num_malicious_nodes=f), True),
+}
+
+STRATEGIES: tuple[str, ...] = tuple(_TABLE)
+"""The names ``--strategies`` accepts, in the order tables list them."""
+
+
+def spec(name: str) -> StrategySpec:
+    """Return the row of `name`; ``ValueError`` names the choices."""
+    try:
+        return _TABLE[name]
+    except KeyError:
+        raise ValueError(
+            f"Expected a strategy among {', '.join(STRATEGIES)}, got {name!r}"
+        ) from None
 
 
 def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
@@ -24,9 +75,8 @@ def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
 
     ``num_malicious_nodes`` (Krum, MultiKrum, Bulyan) is set to `num_byzantine`;
     FedTrimmedAvg gets ``beta = (f + 1/2) / n``, so that it trims exactly ``f``
-    updates from each end;
-    MultiKrum keeps ``n - f`` updates. Federated evaluation is off: the evaluation
-    measures the global model on a central test set.
+    updates from each end; MultiKrum keeps ``n - f`` updates. Federated evaluation
+    is off: the evaluation measures the global model on a central test set.
 
     Examples
     --------
@@ -41,19 +91,4 @@ def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
         "min_train_nodes": num_nodes,
         "min_available_nodes": num_nodes,
     }
-    f = num_byzantine
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=min((f + 0.5) / num_nodes, 0.49))
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=f)
-    if name == "multikrum":
-        return MultiKrum(
-            **common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f
-        )
-    if name == "bulyan":
-        return Bulyan(**common, num_malicious_nodes=f)
-    raise ValueError(f"Expected `name` in {STRATEGIES}, got {name!r}")
+    return spec(name).factory(num_nodes, num_byzantine, common)

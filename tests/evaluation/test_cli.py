@@ -1,140 +1,303 @@
-"""The evaluation end to end: a small grid through the flwr-alie command, twice."""
+"""The flwr-alie command: flag validation (fast) and a small grid end to end (slow)."""
 
 import json
-import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from flwr_alie.evaluation.cli import build_parser
+from flwr_alie.evaluation.cli import build_parser, main
 from flwr_alie.evaluation.results import read_rows
+from flwr_alie.evaluation.runtime import descendants
 
-pytestmark = pytest.mark.timeout(600)
-
-# 3 strategies x (no attack + 2 fractions x 2 z) = 15 cells, 10 clients, 2 rounds.
-# Bulyan's n >= 4f + 3 makes some cells invalid, and so does z = max with f = 1 of
-# n = 10 (no non-negative z_max).
+# 3 strategies x 2 fractions x 2 z, 10 clients, 2 rounds, 2 seeds. Bulyan's
+# n >= 4f + 3 makes some cells invalid, and so does z = max with f = 1 of n = 10.
 ARGS = [
     "--strategies", "krum", "fedmedian", "bulyan",
     "--fractions", "0.1", "0.2",
     "--z", "0.5", "max",
     "--splits", "iid",
     "--clients", "10",
-    "--rounds", "2",
+    "--rounds", "3",
+    "--last", "2",
+    "--seeds", "0", "1",
+    "--parallel", "6",
 ]  # fmt: skip
-TIMING = {"cell_seconds", "alie.seconds"}
+TIMING = {"cell_seconds", "alie.seconds", "train-seconds"}
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    outs = []
-    for i in range(2):
-        out = tmp_path_factory.mktemp(f"run{i}")
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flwr_alie.evaluation.cli",
-                *ARGS,
-                "--out",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=500,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        outs.append((out, result.stdout))
-    return outs
-
-
-def final(rows, key):
-    ok = [r for r in rows if r["cell"] == key and r["status"] == "ok"]
-    return max(ok, key=lambda r: r["round"])
-
-
-def test_files_table_and_progress(two_runs):
-    out, stdout = two_runs[0]
-    for name in ("results.jsonl", "table.md", "accuracy.png", "heatmap.png"):
-        assert (out / name).exists(), name
-    for name in ("accuracy.png", "heatmap.png"):
-        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "cell 15/15" in stdout
-    assert "ETA" in stdout
-    assert "INFO" not in stdout  # Flower's own logs stay out of the way
-    table = (out / "table.md").read_text().splitlines()
-    assert table[0] == (
-        "| strategy | no attack | f=0.1 z=0.5 | f=0.1 z=max "
-        "| f=0.2 z=0.5 | f=0.2 z=max |"
-    )
-    assert [line.split(" | ")[0] for line in table[2:5]] == [
-        "| fedmedian",
-        "| krum",
-        "| bulyan",
-    ]
-    assert table[2:5] == stdout.split("\n\n")[2].splitlines()[2:5]
-
-
-def test_invalid_configurations_are_reported(two_runs):
-    rows = read_rows(two_runs[0][0] / "results.jsonl")
-    invalid = {r["cell"]: r["reason"] for r in rows if r["status"] == "invalid"}
-    assert len({r["cell"] for r in rows}) == 15
-    # z = max with f = 1 of 10 has no non-negative factor, for every strategy
-    for strategy in ("krum", "fedmedian", "bulyan"):
-        key = f"{strategy}/f0.1-zmax-negative-oracle/iid/seed0"
-        assert "No non-negative ALIE factor" in invalid[key]
-    # Bulyan needs n >= 4 f + 3: f = 2 of 10 is too many
-    for z in ("0.5", "max"):
-        key = f"bulyan/f0.2-z{z}-negative-oracle/iid/seed0"
-        assert "Bulyan needs n >= 4 * num_malicious_nodes + 3 = 11" in invalid[key]
-    table = (two_runs[0][0] / "table.md").read_text()
-    assert "invalid (" in table
-    assert "Bulyan needs n >= 4" in table
-
-
-def test_krum_selects_the_crafted_update_and_the_attack_changes_the_model(two_runs):
-    rows = read_rows(two_runs[0][0] / "results.jsonl")
-    attacked = [
-        r
-        for r in rows
-        if r["cell"] == "krum/f0.2-z0.5-negative-oracle/iid/seed0" and r["round"]
-    ]
-    assert len(attacked) == 2
-    for r in attacked:
-        assert r["alie.num-byzantine"] == 2
-        assert r["alie.aggregate-to-crafted"] == pytest.approx(0.0, abs=1e-4)
-        assert r["alie.distance-sigma"] == pytest.approx(0.5, rel=1e-4)
-    clean = final(rows, "krum/no-attack/iid/seed0")
-    assert "alie.aggregate-to-crafted" not in clean
-    assert final(rows, attacked[0]["cell"])["loss"] != clean["loss"]
-
-
-def test_same_configuration_and_seed_give_the_same_numbers(two_runs):
-    def numbers(out):
-        rows = read_rows(out / "results.jsonl")
-        return sorted(
-            (
-                json.dumps(
-                    {k: v for k, v in r.items() if k not in TIMING}, sort_keys=True
-                )
-            )
-            for r in rows
-        )
-
-    assert numbers(two_runs[0][0]) == numbers(two_runs[1][0])
+# ----------------------------------------------------------------- fast checks
 
 
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--z", "-1"], "expected z >= 0"),
-        (["--fractions", "0.6"], r"expected a fraction in \[0, 0.5\)"),
+        (["--z", "-1"], r"argument --z: Expected `z` >= 0, got -1.0"),
+        (["--z", "min"], r"argument --z: .*got 'min'"),
+        (["--fractions", "0.6"], r"argument --fractions: .*\(0, 0.5\), got '0.6'"),
+        (["--fractions", "0"], r"argument --fractions: .*got '0'"),
         (["--strategies", "fedprox"], "invalid choice: 'fedprox'"),
+        (["--rounds", "0"], r"argument --rounds: expected an integer >= 1, got '0'"),
+        (["--epochs", "0"], r"argument --epochs: expected an integer >= 1, got '0'"),
+        (["--clients", "0"], r"argument --clients: expected an integer >= 3, got '0'"),
+        (["--seeds", "-1"], r"argument --seeds: expected an integer >= 0, got '-1'"),
+        (["--lr", "-1"], r"argument --lr: expected a finite number > 0, got '-1'"),
+        (["--lr", "nan"], r"argument --lr: expected a finite number > 0, got 'nan'"),
+        (["--alpha", "0"], r"argument --alpha: expected a finite number > 0, got '0'"),
+        (["--last", "9", "--rounds", "5"], r"--last: expected at most --rounds \(5\)"),
+        (["--seeds", "1", "1"], r"--seeds must be distinct"),
+        (
+            ["--clients", "4", "--fractions", "0.1"],
+            (
+                r"--fractions 0.1 gives round\(0.1 \* 4\) = 0 .* nearest valid "
+                r"fraction is 0.25"
+            ),
+        ),
     ],
 )
-def test_bad_arguments_are_refused(argv, match, capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(argv)
-    assert re.search(match, capsys.readouterr().err)
+def test_bad_flags_fail_at_once_naming_the_flag(argv, match, capsys):
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert time.perf_counter() - started < 5  # before anything starts
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_help_gives_every_flag_a_line_and_a_default():
+    text = build_parser().format_help()
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert any(o in text for o in action.option_strings)
+            if action.default is not None and action.default is not False:
+                assert action.help is not None
+                assert "default" in action.help, action.dest
+    assert text.count("results/<date-time>") == 1
+    assert "  flwr-alie --strategies krum fedmedian --fractions 0.1 0.2" in text
+
+
+def _rows_of(cells: list[str], rounds: int) -> str:
+    rows = [
+        {"cell": c, "round": r, "status": "ok", "accuracy": 0.5}
+        for c in cells
+        for r in range(rounds + 1)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_an_existing_results_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text(_rows_of(["a"], 1))
+    assert main(["--out", str(tmp_path), "--rounds", "1", "--last", "1"]) == 2
+    assert "already holds results; pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "results.jsonl").read_text() == _rows_of(["a"], 1)
+
+
+def test_resume_refuses_other_options(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--rounds", "1", "--last", "1"]
+    from flwr_alie.evaluation.grid import build_grid, save_cells
+
+    save_cells(build_grid(strategies=["krum"]), tmp_path / "grid.json")
+    (tmp_path / "results.jsonl").write_text(_rows_of(["a"], 1))
+    assert main([*args, "--resume"]) == 2
+    assert "--resume: the options differ" in capsys.readouterr().err
+
+
+def test_without_the_evaluation_extra_one_line_says_what_to_install(
+    monkeypatch, capsys
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "flwr-alie: the evaluation needs its extra (missing: matplotlib): "
+        "pip install 'flwr-alie[evaluation]'"
+    )
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flwr_alie.evaluation.cli", *ARGS, "--out", str(out),
+            *extra]  # fmt: skip
+
+
+def _numbers(out: Path) -> list[str]:
+    rows = read_rows(out / "results.jsonl")
+    return sorted(
+        json.dumps({k: v for k, v in r.items() if k not in TIMING}, sort_keys=True)
+        for r in rows
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = subprocess.run(
+        _command(out), capture_output=True, text=True, timeout=500, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_files_table_and_progress(full_run):
+    out, stdout = full_run
+    for name in (
+        "results.jsonl",
+        "grid.json",
+        "table.md",
+        "accuracy.png",
+        "effect.png",
+    ):
+        assert (out / name).exists(), name
+    for name in ("accuracy.png", "effect.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "INFO" not in stdout  # Flower's own logs stay out of the way
+    cells = json.loads((out / "grid.json").read_text())
+    assert f"cell {len(cells)}/{len(cells)}" in stdout
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == (
+        "| strategy | split | f | clean | cost vs FedAvg | z=0.5 | effect of z=0.5 "
+        "| z=max | effect of z=max |"
+    )
+    assert [line.split(" | ")[0] for line in table[2:8]] == (
+        ["| fedmedian"] * 2 + ["| krum"] * 2 + ["| bulyan"] * 2
+    )
+    assert "| krum | iid | 2/10 |" in "\n".join(table)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_invalid_configurations_are_reported(full_run):
+    out, _ = full_run
+    rows = read_rows(out / "results.jsonl")
+    invalid = {r["cell"]: r["reason"] for r in rows if r["status"] == "invalid"}
+    # z = max with f = 1 of 10 has no non-negative factor, for every strategy
+    for key in ("krum@f1/z=max/byz1/iid/seed0", "fedmedian@f0/z=max/byz1/iid/seed1"):
+        assert "No non-negative ALIE factor" in invalid[key]
+    # Bulyan needs n >= 4 f + 3: configured for f = 2 of 10 is too many, clean too
+    for key in ("bulyan@f2/clean/byz0/iid/seed0", "bulyan@f2/z=0.5/byz2/iid/seed1"):
+        assert "Bulyan needs n >= 4 * num_malicious_nodes + 3 = 11" in invalid[key]
+    table = (out / "table.md").read_text()
+    assert "invalid (" in table
+    assert "bulyan (iid, clean, f=0/10): invalid: Bulyan needs n >= 4" in table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reference_and_attacked_cells_share_the_start_and_krum_selects(full_run):
+    out, _ = full_run
+    rows = read_rows(out / "results.jsonl")
+    ok = [r for r in rows if r["status"] == "ok"]
+    for seed in (0, 1):
+        # same initial model in every cell of a seed: the same round-0 numbers
+        start = {
+            (r["accuracy"], r["loss"])
+            for r in ok
+            if r["round"] == 0 and r["seed"] == seed
+        }
+        assert len(start) == 1
+    attacked = [
+        r for r in ok if r["cell"] == "krum@f2/z=0.5/byz2/iid/seed0" and r["round"]
+    ]
+    assert len(attacked) == 3
+    for r in attacked:
+        assert r["alie.num-byzantine"] == 2
+        assert r["byzantine_ids"] == [6, 9] or len(r["byzantine_ids"]) == 2
+        assert r["alie.aggregate-to-crafted"] == pytest.approx(0.0, abs=1e-4)
+        assert r["alie.distance-sigma"] == pytest.approx(0.5, rel=1e-4)
+    clean = [r for r in ok if r["cell"] == "krum@f2/clean/byz0/iid/seed0"]
+    assert all("alie.aggregate-to-crafted" not in r for r in clean)
+    assert clean[-1]["loss"] != attacked[-1]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_interrupt_stops_everything_and_resume_gives_the_same_numbers(
+    full_run, tmp_path
+):
+    full, _ = full_run
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        _command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    results = out / "results.jsonl"
+    children: set[int] = set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        children |= set(descendants(proc.pid))
+        if results.exists() and len(read_rows(results)) >= 12:
+            break
+        time.sleep(0.5)
+    children |= set(descendants(proc.pid))
+    assert any(b"flwr-simulation" in _cmdline(p) for p in children)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert time.monotonic() - started < 15
+    assert "Traceback" not in stderr
+    assert "flwr-alie: interrupted;" in stderr
+    assert "--resume" in stderr
+    time.sleep(1)
+    alive = [p for p in children if _alive(p)]
+    assert not alive, [_cmdline(p) for p in alive]
+    # a rerun into the same folder is refused without --resume
+    again = subprocess.run(_command(out), capture_output=True, text=True, check=False)
+    assert again.returncode == 2
+    resumed = subprocess.run(
+        _command(out, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=500,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "flwr-alie: resuming" in resumed.stdout
+    assert _numbers(out) == _numbers(full)
+    assert (out / "table.md").read_text() == (full / "table.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_report_rebuilds_table_and_plots_from_results_alone(full_run, tmp_path):
+    full, _ = full_run
+    (tmp_path / "results.jsonl").write_text((full / "results.jsonl").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "flwr_alie.evaluation.cli", "report", str(tmp_path),
+         "--last", "2"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "table.md").read_text() == (full / "table.md").read_text()
+    assert (tmp_path / "effect.png").exists()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -5,13 +5,45 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
-from digits_alie.task import make_model, task_data
+from digits_alie.task import evaluate, make_model, task_data
 from flwr_alie import ALIEConfig, ALIEStrategy, check_setup
-from flwr_alie.evaluation.strategies import make_strategy
-from flwr_alie.evaluation.task import evaluate
 
 app = ServerApp()
+
+
+def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
+    """A robust strategy configured for the Byzantine nodes it faces."""
+    f = num_byzantine
+    common = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": num_nodes,
+        "min_available_nodes": num_nodes,
+    }
+    strategies = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedmedian": lambda: FedMedian(**common),
+        # Flower trims int(beta * n) from each end: exactly f
+        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=(f + 0.5) / num_nodes),
+        "krum": lambda: Krum(**common, num_malicious_nodes=f),
+        "multikrum": lambda: MultiKrum(
+            **common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f
+        ),
+        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=f),
+    }
+    if name not in strategies:
+        raise ValueError(f"Expected `strategy` in {sorted(strategies)}, got {name!r}")
+    return strategies[name]()
 
 
 @app.main()
