@@ -13,7 +13,14 @@ and the peak resident memory each adds above what the replies already hold (Linu
 ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), against the size of
 one copy of the honest updates in float32.
 
-Usage: ``python benchmarks/bench_strategy.py [--replies 40] [--byzantine 10]``.
+``--busy`` keeps one core busy with ``yes > /dev/null`` during the timings (a
+simulation's server always shares the machine with its clients); ``--threads N``
+sets torch's intra-op threads (default: torch's choice). ``--stages`` adds the
+wrapper's own work split into its stages (reading and packing the honest deltas,
+the moments and the crafted row, unpacking, the rebuilt replies and telemetry).
+
+Usage: ``python benchmarks/bench_strategy.py [--replies 40] [--byzantine 10]
+[--busy] [--threads N] [--stages]``.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -136,7 +145,22 @@ def main() -> None:
     parser.add_argument("--replies", type=int, default=40)
     parser.add_argument("--byzantine", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--busy", action="store_true")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--stages", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    busy = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if args.busy else None
+    try:
+        _measure(args)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def _measure(args: argparse.Namespace) -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
     global_record, replies, d = build_round(args.replies, args.byzantine)
@@ -171,7 +195,9 @@ def main() -> None:
     honest_copy = h * d * 4 / 2**20
 
     print(f"replies: {args.replies} ({h} honest, {args.byzantine} Byzantine), "
-          f"d = {d:,} floats per update, {len(resnet18_shapes())} arrays")  # fmt: skip
+          f"d = {d:,} floats per update, {len(resnet18_shapes())} arrays, "
+          f"torch threads {torch.get_num_threads()}, "
+          f"{'one core busy' if args.busy else 'quiet'}")  # fmt: skip
     print(f"{'':>26} {'time':>9} {'peak extra memory':>18}")
     print(f"{'FedAvg.aggregate_train':>26} {t_fedavg:>8.2f}s {mem_fedavg:>14.0f} MiB")
     print(f"{'ALIEStrategy(FedAvg)':>26} {t_wrapped:>8.2f}s {mem_wrapped:>14.0f} MiB")
@@ -187,6 +213,61 @@ def main() -> None:
         f"wrapper's extra memory (held + transient peak): {extra:.0f} MiB = "
         f"{extra / honest_copy:.2f} copies"
     )
+    if args.stages:
+        _stages(wrapper, replies, args.repeats)
+
+
+def _stages(wrapper: ALIEStrategy, replies: list[Message], repeats: int) -> None:
+    """Time each stage of the wrapper's own work, as the engine runs it."""
+    from flwr_alie.attacks import alie_vector, moments
+    from flwr_alie.params import (
+        arrays_from_layers,
+        layers_from_record,
+        pack,
+        record_from_layers,
+        unpack,
+    )
+
+    engine = wrapper.engine
+    global_layers = engine.global_for(1)
+    assert global_layers is not None
+    honest = [m for m in replies if "alie" not in m.content]
+    byzantine = [m for m in replies if "alie" in m.content]
+    readers = [
+        (lambda m=m: layers_from_record(m.content.array_records["arrays"]))
+        for m in honest
+    ]
+    buffer, spec = pack(readers, global_layers)
+    state: dict[str, object] = {}
+
+    def do_pack() -> None:
+        pack(readers, global_layers, out=buffer)
+
+    def do_moments() -> None:
+        mu, sigma = moments(buffer)
+        state["row"] = alie_vector(mu, sigma, z=1.0)
+
+    def do_unpack() -> None:
+        state["crafted"] = unpack(state["row"], spec, global_layers)  # type: ignore[arg-type]
+
+    def do_rebuild() -> None:
+        crafted = state["crafted"]
+        shared = arrays_from_layers({k: crafted[k] for k in spec.packed_keys})  # type: ignore[index]
+        for m in byzantine:
+            record_from_layers(shared, base=m.content.array_records["arrays"])
+
+    stages = {"pack": do_pack, "moments+row": do_moments, "unpack": do_unpack,
+              "rebuild": do_rebuild}  # fmt: skip
+    for fn in stages.values():
+        fn()
+    print("stage        median")
+    for name, fn in stages.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        print(f"{name:<12} {statistics.median(times):>6.3f}s")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from flwr_alie.attacks._checks import as_matrix, check_count, check_out, describe_honest
 from flwr_alie.attacks.base import Attack, Direction
-from flwr_alie.attacks.stats import moments
+from flwr_alie.attacks.stats import accumulation_dtype, moments
 
 __all__ = ["ALIEAttack", "alie_vector", "check_z", "z_max"]
 
@@ -195,7 +195,12 @@ class ALIEAttack(Attack):
             return result
         if factor is None:
             factor = z_max(info.h, f)
-        mu, sigma = moments(x)
+        acc = accumulation_dtype(info.dtype)
+        if f >= 2 and result.dtype == acc and result.is_contiguous():
+            # the output's own rows hold the moments: no fresh d-sized buffers
+            mu, sigma = moments(x, out=(result[0], result[1]))
+        else:
+            mu, sigma = moments(x)
         alie_vector(mu, sigma, z=factor, direction=direction, out=result[0])
         if f > 1:
             result[1:].copy_(result[0].expand(f - 1, info.d))

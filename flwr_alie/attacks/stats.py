@@ -24,7 +24,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def moments(x: Tensor, /) -> tuple[Tensor, Tensor]:
+def moments(
+    x: Tensor, /, *, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Return the coordinate-wise mean and population standard deviation of `x`.
 
     For the rows :math:`x_1, \dots, x_h` of `x`,
@@ -43,6 +45,10 @@ def moments(x: Tensor, /) -> tuple[Tensor, Tensor]:
     x : Tensor
         Shape ``(h, d)`` with ``h >= 1``, floating point, on any device; never
         modified.
+    out : tuple[Tensor, Tensor], optional
+        Two ``(d,)`` tensors, in the accumulation dtype and on the device of `x`,
+        to write ``mu`` and ``sigma`` into (and return): a caller that runs every
+        round keeps them, sparing the page faults of two fresh ``d``-sized buffers.
 
     Returns
     -------
@@ -56,7 +62,7 @@ def moments(x: Tensor, /) -> tuple[Tensor, Tensor]:
     TypeError
         If `x` is not a floating-point tensor.
     ValueError
-        If `x` is not 2-D or has no row.
+        If `x` is not 2-D or has no row, or `out` does not fit.
 
     Notes
     -----
@@ -83,8 +89,17 @@ def moments(x: Tensor, /) -> tuple[Tensor, Tensor]:
         )
     h, d = x.shape
     acc = accumulation_dtype(x.dtype)
-    mu = torch.empty(d, dtype=acc, device=x.device)
-    sigma = torch.empty(d, dtype=acc, device=x.device)
+    if out is None:
+        mu = torch.empty(d, dtype=acc, device=x.device)
+        sigma = torch.empty(d, dtype=acc, device=x.device)
+    else:
+        mu, sigma = out
+        for name, t in (("out[0]", mu), ("out[1]", sigma)):
+            if t.shape != (d,) or t.dtype != acc or t.device != x.device:
+                raise ValueError(
+                    f"Expected `{name}` of shape ({d},), dtype {acc} on {x.device}, "
+                    f"got {tuple(t.shape)}, {t.dtype} on {t.device}"
+                )
     on_cpu = x.device.type == "cpu"
     budget = _CPU_BLOCK_BYTES if on_cpu else _DEVICE_BLOCK_BYTES
     width = max(1, min(d, budget // (h * acc.itemsize)))

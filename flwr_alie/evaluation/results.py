@@ -91,11 +91,13 @@ class Summary:
     def rows_and_columns(self) -> tuple[list[RowKey], list[str]]:
         """Return the table's rows (strategy, split, f) and attack columns."""
         rows: set[RowKey] = set()
-        columns: dict[str, tuple[int, str]] = {}
+        columns: dict[str, tuple[int, float, str, str]] = {}
         for row in self.info.values():
             if row["attack"] != "clean":
                 rows.add((row["strategy"], row["split"], row["num_byzantine"]))
-                columns.setdefault(row["attack"], (len(columns), row["attack"]))
+                z = row["z"]
+                numeric = (0, float(z)) if isinstance(z, int | float) else (1, 0.0)
+                columns[row["attack"]] = (*numeric, row["direction"], row["knowledge"])
         ordered = sorted(rows, key=lambda r: (_order(r[0]), r[1], r[2]))
         return ordered, sorted(columns, key=lambda c: columns[c])
 
@@ -291,6 +293,8 @@ def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
     per strategy.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     summary = summarize(rows, last)
     keys, columns = summary.rows_and_columns()
     panels = sorted({(split, f) for _, split, f in keys})
@@ -325,6 +329,7 @@ def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
                     )
             ax.set_title(f"{split}, f={f}: {column}")
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         line[0].set_ylabel("test accuracy")
@@ -365,7 +370,7 @@ def plot_effect(rows: Sequence[Row], path: Path, *, last: int) -> None:
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_yticks(range(len(keys)), [f"{s} ({sp}, f={f})" for s, sp, f in keys])
     fig.colorbar(image, ax=ax, label="effect on accuracy (attacked - clean)")
-    ax.set_title("ALIE's effect; * : 95% interval across seeds excludes 0")
+    ax.set_title("attacked - clean\n(*: 95% interval excludes 0)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
