@@ -493,3 +493,27 @@ def test_check_setup(strategy, n, f, expected):
     assert len(problems) == len(expected)
     for problem, start in zip(problems, expected, strict=True):
         assert problem.startswith(start)
+
+
+def test_the_round_runs_on_one_thread_and_restores_torch_setting(monkeypatch):
+    import torch
+
+    seen = []
+    real = __import__("flwr_alie.attacks.stats", fromlist=["moments"]).moments
+
+    def spy(x, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(x, **kwargs)
+
+    monkeypatch.setattr("flwr_alie.engine.moments", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inner = RecordingFedAvg()
+        wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+        honest, byzantine = golden_round()
+        wrapper.aggregate_train(1, honest + byzantine)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
