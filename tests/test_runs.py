@@ -77,6 +77,35 @@ def test_simulation_krum_selects_the_crafted_update(tmp_path):
         assert train_metrics["alie.distance-sigma"] == pytest.approx(z, rel=1e-4)
 
 
+def test_simulation_nnm_then_median_of_honest_and_crafted_updates(tmp_path):
+    n, z = 10, 1.0
+    history = run_example(
+        tmp_path,
+        f"strategy='nnm-median' num-server-rounds=1 num-nodes={n} alie.z={z} "
+        "alie.fraction=0.2 alie.seed=0",
+        simulation=True,
+        extra=["--federation-config", f"num-supernodes={n}"],
+    )
+    byzantine = ALIEConfig(fraction=0.2, seed=0).byzantine_partitions(n)
+    before = history[0]["weights"]
+    honest = np.stack(
+        [honest_update(before, p, n, 1)[0] for p in range(n) if p not in byzantine]
+    )
+    crafted = alie_reference(honest, z)
+    rows = np.concatenate([honest, np.stack([crafted] * len(byzantine))])
+    f = len(byzantine)
+    mixed = []
+    for row in rows:  # mean of the n - f rows nearest to it, itself included
+        distances = np.linalg.norm(rows - row, axis=1)
+        mixed.append(rows[np.argsort(distances, kind="stable")[: n - f]].mean(0))
+    expected = flat(before) + np.median(np.stack(mixed), axis=0)
+    np.testing.assert_allclose(
+        flat(history[1]["weights"]), expected, rtol=1e-4, atol=1e-5
+    )
+    assert history[1]["train"]["alie.attacked"] == 1
+    assert history[1]["train"]["nnm.f"] == f
+
+
 def test_deployment_fedavg_averages_honest_and_crafted_updates(tmp_path):
     n, z = 4, 1.0
     history = run_example(

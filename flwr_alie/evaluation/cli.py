@@ -27,7 +27,7 @@ from typing import Literal
 
 from flwr_alie.attacks import check_z
 from flwr_alie.evaluation.grid import Cell, build_grid, load_cells, save_cells
-from flwr_alie.evaluation.strategies import STRATEGIES
+from flwr_alie.evaluation.strategies import DEFENCES, FLOWER_STRATEGIES, STRATEGIES
 
 __all__ = ["build_parser", "main"]
 
@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         nargs="+",
         choices=STRATEGIES,
-        default=list(STRATEGIES),
+        default=list(FLOWER_STRATEGIES),
         metavar="NAME",
-        help=f"strategies among {', '.join(STRATEGIES)} (default: all)",
+        help=f"Flower's strategies ({', '.join(FLOWER_STRATEGIES)}) and "
+        f"flwr-alie's defences ({', '.join(DEFENCES)}) (default: Flower's)",
     )
     grid.add_argument(
         "--fractions",

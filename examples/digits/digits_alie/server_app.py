@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import (
 
 from digits_alie.task import evaluate, make_model, task_data
 from flwr_alie import ALIEConfig, ALIEStrategy, check_setup
+from flwr_alie.defenses import NNM
 
 app = ServerApp()
 
@@ -40,6 +41,8 @@ def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
             **common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f
         ),
         "bulyan": lambda: Bulyan(**common, num_malicious_nodes=f),
+        # flwr-alie's defences compose: mix the updates, then take the median
+        "nnm-median": lambda: NNM(FedMedian(**common), f=f),
     }
     if name not in strategies:
         raise ValueError(f"Expected `strategy` in {sorted(strategies)}, got {name!r}")

@@ -75,7 +75,7 @@ def train(
             loss = nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
             loss.backward()
             optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
