@@ -55,6 +55,19 @@ KEY_DISTANCE_SIGMA = "alie.distance-sigma"
 KEY_AGGREGATE_TO_CRAFTED = "alie.aggregate-to-crafted"
 KEY_AGGREGATE_TO_MEAN = "alie.aggregate-to-mean"
 KEY_SECONDS = "alie.seconds"
+KEY_SKIP_REASON = "alie.skip-reason"
+KEY_NUM_NON_FINITE = "alie.num-non-finite"
+
+# Values of alie.skip-reason: why a round was (0) or was not attacked. Numbers, since
+# a MetricRecord holds numbers only; the README lists them.
+ATTACKED = 0
+SKIP_NO_BYZANTINE = 1  # no Byzantine reply arrived
+SKIP_NO_GLOBAL = 2  # the round's global model was not seen in configure_train
+SKIP_NO_HONEST = 3  # no honest reply arrived
+SKIP_UNTRAINED = 4  # byzantine-only knowledge, but a Byzantine node did not train
+SKIP_MISMATCHED = 5  # a reply's arrays do not match the global model
+SKIP_Z_MAX = 6  # z="max" has no non-negative value for this h and f
+SKIP_NON_FINITE = 7  # no finite statistics
 
 _UNTAGGED = 1 << 62  # untagged replies sort after tagged ones
 
@@ -236,6 +249,32 @@ class RoundEngine:
         log(INFO, "\t│\t├── knowledge: %s", self.config.knowledge)
         log(INFO, "\t│\t└── device: %s", self.device)
 
+    def malformed(self, server_round: int, replies: Sequence[Reply]) -> dict[int, str]:
+        """Return the replies whose arrays do not fit the global model, with why.
+
+        Keys, shapes and dtype kinds are compared with the round's global model
+        (headers only, no copy); each one found is logged at WARNING by name. The
+        adapters hand them to the wrapped strategy as failed replies, so that one
+        malformed reply neither crashes the round nor switches the attack off.
+        """
+        global_layers = self.global_for(server_round)
+        if global_layers is None:
+            return {}
+        spec = PackSpec.of(global_layers)
+        found: dict[int, str] = {}
+        for i, reply in enumerate(replies):
+            try:
+                spec.check(reply.read_layers(), reply.name)
+            except ValueError as err:
+                found[i] = str(err)
+                log(
+                    WARNING,
+                    "ALIE round %d: %s; the reply goes on as a failure",
+                    server_round,
+                    err,
+                )
+        return found
+
     def _threads(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cpu":
             return _OneThread()
@@ -256,12 +295,14 @@ class RoundEngine:
         h, f = len(honest), len(byzantine)
         metrics: dict[str, float | int] = {
             KEY_ATTACKED: 0,
+            KEY_SKIP_REASON: SKIP_NO_BYZANTINE,
             KEY_NUM_HONEST: h,
             KEY_NUM_BYZANTINE: f,
         }
         template = _median_weight(replies, honest)
 
-        def skip(reason: str, *args: object) -> RoundResult:
+        def skip(code: int, reason: str, *args: object) -> RoundResult:
+            metrics[KEY_SKIP_REASON] = code
             log(
                 WARNING,
                 "ALIE round %d: " + reason + "; the %d Byzantine replies go on as sent",
@@ -277,44 +318,84 @@ class RoundEngine:
             return RoundResult(None, (), template, metrics)
         if global_layers is None:
             return skip(
-                "the global model of this round was not seen in configure_train"
+                SKIP_NO_GLOBAL,
+                "the global model of this round was not seen in configure_train",
             )
         if h == 0:
-            return skip("no honest reply among the %d replies", len(replies))
-        if config.knowledge == "byzantine-only" and any(
-            replies[i].skipped for i in byzantine
-        ):
+            return skip(SKIP_NO_HONEST, "no honest reply among the %d replies", f)
+        untrained = [replies[i].name for i in byzantine if replies[i].skipped]
+        if config.knowledge == "byzantine-only" and untrained:
             return skip(
+                SKIP_UNTRAINED,
                 "knowledge='byzantine-only' needs the Byzantine nodes' trained "
-                "updates, but some skipped training (set alie.skip-training to false)"
+                "updates, but %s skipped training (set alie.skip-training to false)",
+                ", ".join(untrained),
             )
         if config.z == "max":
             try:
                 z = z_max(h, f)
             except ValueError as err:
                 return skip(
-                    "z='max' is undefined for h = %d honest, f = %d: %s", h, f, err
+                    SKIP_Z_MAX,
+                    "z='max' is undefined for h = %d honest, f = %d: %s",
+                    h,
+                    f,
+                    err,
                 )
         else:
             z = float(config.z)
         try:
             honest_x, spec = self._pack(replies, honest, global_layers, self._buffer)
-            self._buffer = honest_x
-            v = self._vectors_for(honest_x)
-            mu, sigma = moments(honest_x, out=(v[0], v[1]))
-            if config.knowledge == "byzantine-only":
-                own_x, _ = self._pack(replies, byzantine, global_layers, None)
-                own = moments(own_x)
-                row = alie_vector(*own, z=z, direction=config.direction, out=v[2])
-            else:
-                row = alie_vector(mu, sigma, z=z, direction=config.direction, out=v[2])
         except ValueError as err:
-            return skip("%s", err)
+            return skip(SKIP_MISMATCHED, "%s", err)
+        self._buffer = honest_x
+        v = self._vectors_for(honest_x)
+        mu, sigma = moments(honest_x, out=(v[0], v[1]))
+        if not _finite(mu, sigma):
+            # NaN or inf in some honest update: find them (the only extra read of
+            # the updates, and only in such a round), name them, and take the
+            # statistics from the finite updates alone
+            finite_rows = torch.isfinite(honest_x).all(dim=1)
+            bad = [replies[honest[i]].name for i in range(h) if not finite_rows[i]]
+            counts = (~torch.isfinite(honest_x)).sum(dim=1)
+            log(
+                WARNING,
+                "ALIE round %d: non-finite values in %d honest update(s): %s; the "
+                "statistics come from the %d finite ones",
+                server_round,
+                len(bad),
+                ", ".join(
+                    f"{name} ({int(counts[i])} values)"
+                    for i, name in zip(
+                        [i for i in range(h) if not finite_rows[i]], bad, strict=True
+                    )
+                ),
+                h - len(bad),
+            )
+            if not bool(finite_rows.any()):
+                return skip(SKIP_NON_FINITE, "no honest update is finite")
+            kept = honest_x[finite_rows]
+            mu, sigma = moments(kept, out=(v[0], v[1]))
+            metrics[KEY_NUM_NON_FINITE] = len(bad)
+        if config.knowledge == "byzantine-only":
+            try:
+                own_x, _ = self._pack(replies, byzantine, global_layers, None)
+            except ValueError as err:
+                return skip(SKIP_MISMATCHED, "%s", err)
+            own = moments(own_x)
+            if not _finite(*own):
+                return skip(
+                    SKIP_NON_FINITE, "the Byzantine nodes' updates are not finite"
+                )
+            row = alie_vector(*own, z=z, direction=config.direction, out=v[2])
+        else:
+            row = alie_vector(mu, sigma, z=z, direction=config.direction, out=v[2])
         spread = float(torch.linalg.vector_norm(sigma, dtype=torch.float64))
         distance = _distance(row, mu, v[4])
         metrics.update(
             {
                 KEY_ATTACKED: 1,
+                KEY_SKIP_REASON: ATTACKED,
                 KEY_Z: z,
                 KEY_DISTANCE: distance,
                 KEY_HONEST_SPREAD: spread,
@@ -386,6 +467,11 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) ->
     """Return ``||a - b||_2`` in float64; the difference is written to `scratch`."""
     difference = torch.sub(a, b) if scratch is None else torch.sub(a, b, out=scratch)
     return float(torch.linalg.vector_norm(difference, dtype=torch.float64))
+
+
+def _finite(mu: torch.Tensor, sigma: torch.Tensor) -> bool:
+    """Whether both moments are finite (NaN and inf in a row reach them)."""
+    return bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())
 
 
 def _median_weight(replies: Sequence[Reply], honest: Sequence[int]) -> int | None:

@@ -201,6 +201,14 @@ class ALIELegacyStrategy(Strategy):
         started = time.perf_counter()
         ordered = sorted(results, key=_order)
         views = [_view(proxy, res) for proxy, res in ordered]
+        malformed = self.engine.malformed(server_round, views)
+        if malformed:
+            failures = [
+                *failures,
+                *(ValueError(f"malformed reply: {why}") for why in malformed.values()),
+            ]
+            ordered = [r for i, r in enumerate(ordered) if i not in malformed]
+            views = [v for i, v in enumerate(views) if i not in malformed]
         result = self.engine.attack(server_round, views)
         crafted = (
             None

@@ -18,10 +18,12 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -153,6 +155,11 @@ class ALIEStrategy(Strategy):
         errors = [m for m in replies if m.has_error()]
         weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
         views = [_view(m, weight_key) for m in valid]
+        malformed = self.engine.malformed(server_round, views)
+        if malformed:
+            errors += [_as_error(valid[i], reason) for i, reason in malformed.items()]
+            valid = [m for i, m in enumerate(valid) if i not in malformed]
+            views = [v for i, v in enumerate(views) if i not in malformed]
         result = self.engine.attack(server_round, views)
         crafted = (
             None
@@ -239,6 +246,16 @@ def _view(message: Message, weight_key: str) -> Reply:
         weight=weight,
         read_layers=read_layers,
     )
+
+
+def _as_error(message: Message, reason: str) -> Message:
+    """Return a failed reply in place of `message`: the wrapped strategy skips it."""
+    error = Error(
+        code=ErrorCode.UNKNOWN, reason=f"flwr-alie: malformed reply: {reason}"
+    )
+    # the reply's own metadata (Flower's overloads list reply_to= only)
+    failed: Message = Message(error=error, metadata=copy.copy(message.metadata))  # type: ignore[call-overload]
+    return failed
 
 
 def _rebuild(

@@ -230,12 +230,79 @@ def test_mismatched_arrays_name_the_node_and_key(flwr_warnings):
         partition_id=1,
         byzantine=False,
     )
-    with pytest.raises(ValueError, match="broadcast"):  # nor can FedAvg itself
-        wrapper.aggregate_train(1, honest + byzantine)
+    # the malformed reply reaches FedAvg as a failure; the round goes on, attacked
+    # with the statistics of the two other honest replies
+    arrays, metrics = wrapper.aggregate_train(1, honest + byzantine)
     messages = [r.getMessage() for r in flwr_warnings]
     assert any(
         "partition 1 (node 101): array 'w' has shape (3,)" in m for m in messages
     )
+    assert metrics["alie.attacked"] == 1
+    assert metrics["alie.num-honest"] == 2
+    failed = [r for r in inner.received if r["error"]]
+    assert [r["node"] for r in failed] == [101]
+    assert np.all(np.isfinite(arrays["w"].numpy()))
+
+
+def test_non_finite_honest_updates_are_named_and_left_out_of_the_statistics(
+    flwr_warnings,
+):
+    inner = RecordingFedAvg()
+    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    honest, byzantine = golden_round()
+    honest[2] = train_reply(
+        102,
+        {"w": np.array([np.nan, np.inf], np.float32), "steps": np.array(1)},
+        10,
+        partition_id=2,
+        byzantine=False,
+    )
+    _, metrics = wrapper.aggregate_train(1, honest + byzantine)
+    messages = [r.getMessage() for r in flwr_warnings]
+    assert any(
+        "non-finite values in 1 honest update(s): partition 2 (node 102) (2 values)"
+        in m
+        for m in messages
+    )
+    assert metrics["alie.attacked"] == 1
+    assert metrics["alie.num-non-finite"] == 1
+    # statistics of the finite deltas [1, 0] and [2, 2]: mu [1.5, 1], sigma [.5, 1]
+    crafted = [r for r in inner.received if r["node"] >= 200]
+    for r in crafted:
+        np.testing.assert_allclose(r["layers"]["w"], [10 + 1.5 - 0.5, 10 + 1 - 1])
+
+
+def test_a_round_without_finite_statistics_goes_on_unattacked(flwr_warnings):
+    inner = RecordingFedAvg()
+    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    honest, byzantine = golden_round()
+    honest = [
+        train_reply(
+            100 + i,
+            {"w": np.array([np.nan, 1.0], np.float32), "steps": np.array(1)},
+            10,
+            partition_id=i,
+            byzantine=False,
+        )
+        for i in range(3)
+    ]
+    _, metrics = wrapper.aggregate_train(1, honest + byzantine)
+    assert metrics["alie.attacked"] == 0
+    assert metrics["alie.skip-reason"] == 7
+    assert any("no honest update is finite" in r.getMessage() for r in flwr_warnings)
+
+
+def test_every_round_says_why_it_was_or_was_not_attacked():
+    inner = RecordingFedAvg()
+    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    honest, byzantine = golden_round()
+    assert wrapper.aggregate_train(1, honest + byzantine)[1]["alie.skip-reason"] == 0
+    configured(wrapper, server_round=2)
+    assert wrapper.aggregate_train(2, honest)[1]["alie.skip-reason"] == 1
+    configured(wrapper, server_round=3)
+    assert wrapper.aggregate_train(3, byzantine)[1]["alie.skip-reason"] == 3
+    # a round whose global model was never seen
+    assert wrapper.aggregate_train(9, honest + byzantine)[1]["alie.skip-reason"] == 2
 
 
 def test_untagged_round_is_passed_through_unchanged():
