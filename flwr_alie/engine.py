@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from logging import INFO, WARNING
 from typing import Literal
 
@@ -57,6 +57,7 @@ KEY_AGGREGATE_TO_MEAN = "alie.aggregate-to-mean"
 KEY_SECONDS = "alie.seconds"
 KEY_SKIP_REASON = "alie.skip-reason"
 KEY_NUM_NON_FINITE = "alie.num-non-finite"
+KEY_MISSING_BYZANTINE = "alie.num-missing-byzantine"
 
 # Values of alie.skip-reason: why a round was (0) or was not attacked. Numbers, since
 # a MetricRecord holds numbers only; the README lists them.
@@ -126,6 +127,8 @@ class Reply:
         Its sample count, as the wrapped strategy weighs it.
     read_layers : Callable[[], Layers]
         Reads the reply's arrays (views, not copies) when the round packs them.
+    partition : int, optional
+        The partition id the client side tagged the reply with.
     """
 
     name: str
@@ -133,6 +136,7 @@ class Reply:
     skipped: bool
     weight: float
     read_layers: Callable[[], Layers]
+    partition: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +156,18 @@ class RoundResult:
         weight: a Byzantine node that skipped training claims its metrics.
     metrics : dict
         The round's telemetry (``alie.*``).
+    dropped : tuple of int
+        Indices of the Byzantine replies the adapters hand on as failures: in a
+        round that could not be crafted, those that skipped training carry the
+        global model, no update at all, and would enter the aggregate at a typical
+        weight; the round aggregates without them instead.
     """
 
     crafted: dict[str, NDArray[np.generic]] | None
     replaced_keys: tuple[str, ...]
     template: int | None
     metrics: dict[str, float | int]
+    dropped: tuple[int, ...] = ()
     _row: torch.Tensor | None = None
     _mu: torch.Tensor | None = None
     _spread: float = 0.0
@@ -193,6 +203,8 @@ class RoundEngine:
             z=z, direction=direction, knowledge=knowledge, device=device
         )
         self.device = resolve_device(device)
+        # the Byzantine partitions that should reply each round, when known
+        self.expected_byzantine: frozenset[int] | None = None
         self._global: tuple[int, Layers] | None = None
         self._buffer: torch.Tensor | None = None
         # (5, d) float32 kept across rounds: mu, sigma, the crafted row, the packed
@@ -207,6 +219,18 @@ class RoundEngine:
             f"z={c.z!r}, direction={c.direction.value!r}, "
             f"knowledge={c.knowledge!r}, device={str(self.device)!r}"
         )
+
+    def expect(self, byzantine_ids: Collection[int] | None) -> None:
+        """Expect these Byzantine partitions to reply each round (``None``: unknown)."""
+        if byzantine_ids is None:
+            self.expected_byzantine = None
+            return
+        ids = list(byzantine_ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(
+                f"Expected `byzantine_ids` to hold non-negative ints, got {ids!r}"
+            )
+        self.expected_byzantine = frozenset(ids)
 
     def remember(self, server_round: int, global_layers: Layers) -> None:
         """Keep the global model the round's updates are differences from."""
@@ -303,17 +327,35 @@ class RoundEngine:
 
         def skip(code: int, reason: str, *args: object) -> RoundResult:
             metrics[KEY_SKIP_REASON] = code
+            dropped = tuple(i for i in byzantine if replies[i].skipped)
             log(
                 WARNING,
-                "ALIE round %d: " + reason + "; the %d Byzantine replies go on as sent",
+                "ALIE round %d: " + reason + "; not attacked: %d Byzantine replies "
+                "that trained go on as sent, %d that skipped training (the global "
+                "model, no update) go on as failures",
                 server_round,
                 *args,
-                f,
+                f - len(dropped),
+                len(dropped),
             )
-            return RoundResult(None, (), template, metrics)
+            return RoundResult(None, (), template, metrics, dropped)
 
         config = self.config
         global_layers = self.global_for(server_round)
+        expected = self.expected_byzantine
+        if expected is not None:
+            missing = sorted(expected - {replies[i].partition for i in byzantine})
+            metrics[KEY_MISSING_BYZANTINE] = len(missing)
+            if missing:
+                log(
+                    WARNING,
+                    "ALIE round %d: no reply from %d of the %d Byzantine "
+                    "partitions: %s",
+                    server_round,
+                    len(missing),
+                    len(expected),
+                    ", ".join(map(str, missing)),
+                )
         if f == 0:
             return RoundResult(None, (), template, metrics)
         if global_layers is None:
@@ -405,7 +447,7 @@ class RoundEngine:
             metrics[KEY_DISTANCE_SIGMA] = distance / spread
         crafted = unpack(row, spec, global_layers)
         return RoundResult(
-            crafted, spec.packed_keys, template, metrics, row, mu, spread
+            crafted, spec.packed_keys, template, metrics, (), row, mu, spread
         )
 
     def _pack(

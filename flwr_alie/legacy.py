@@ -11,6 +11,7 @@ re-export), so it can be dropped by deleting this file. The round itself is
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any, Literal
 
 from flwr.client import Client, NumPyClient
@@ -159,6 +160,7 @@ class ALIELegacyStrategy(Strategy):
         direction: Direction = Direction.NEGATIVE,
         knowledge: Knowledge = "oracle",
         device: str = "auto",
+        byzantine_ids: Collection[int] | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(
@@ -170,6 +172,7 @@ class ALIELegacyStrategy(Strategy):
         self.engine = RoundEngine(
             z=z, direction=direction, knowledge=knowledge, device=device
         )
+        self.engine.expect(byzantine_ids)
 
     @property
     def config(self) -> ALIEConfig:
@@ -218,9 +221,18 @@ class ALIELegacyStrategy(Strategy):
             )
         )
         template = None if result.template is None else ordered[result.template][1]
+        if result.dropped:
+            failures = [
+                *failures,
+                *(
+                    ValueError("Byzantine client without a crafted update")
+                    for _ in result.dropped
+                ),
+            ]
         forwarded = [
             (proxy, _rebuild(res, v, crafted, template))
-            for (proxy, res), v in zip(ordered, views, strict=True)
+            for i, ((proxy, res), v) in enumerate(zip(ordered, views, strict=True))
+            if i not in result.dropped
         ]
         seconds = time.perf_counter() - started
         parameters, metrics = self.strategy.aggregate_fit(
@@ -279,6 +291,7 @@ def _view(proxy: ClientProxy, res: FitRes) -> Reply:
     tags = _tags(res)
     partition = tags.get(TAG_PARTITION_ID)
     return Reply(
+        partition=partition if isinstance(partition, int) else None,
         name=f"partition {partition} (client {proxy.cid})"
         if isinstance(partition, int)
         else f"client {proxy.cid}",

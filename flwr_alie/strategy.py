@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Literal
 
 from flwr.app import (
@@ -77,6 +77,10 @@ class ALIEStrategy(Strategy):
         threat model).
     device : str
         Where the attack runs: ``"auto"`` (CUDA when present) or a torch device.
+    byzantine_ids : Collection[int], optional
+        The Byzantine partitions, when known: each round then warns, naming them,
+        about those that sent no reply, and reports their count as
+        ``alie.num-missing-byzantine`` (for runs that train on every node).
 
     Notes
     -----
@@ -101,6 +105,7 @@ class ALIEStrategy(Strategy):
         direction: Direction = Direction.NEGATIVE,
         knowledge: Knowledge = "oracle",
         device: str = "auto",
+        byzantine_ids: Collection[int] | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(
@@ -112,6 +117,7 @@ class ALIEStrategy(Strategy):
         self.engine = RoundEngine(
             z=z, direction=direction, knowledge=knowledge, device=device
         )
+        self.engine.expect(byzantine_ids)
 
     @property
     def config(self) -> ALIEConfig:
@@ -119,14 +125,23 @@ class ALIEStrategy(Strategy):
         return self.engine.config
 
     @classmethod
-    def from_config(cls, strategy: Strategy, config: ALIEConfig) -> ALIEStrategy:
-        """Wrap `strategy` with the server-side options of `config`."""
+    def from_config(
+        cls, strategy: Strategy, config: ALIEConfig, *, num_nodes: int | None = None
+    ) -> ALIEStrategy:
+        """Wrap `strategy` with the server-side options of `config`.
+
+        With `num_nodes`, the Byzantine partitions of `config` among them are
+        expected to reply each round (see `byzantine_ids`).
+        """
         return cls(
             strategy,
             z=config.z,
             direction=config.direction,
             knowledge=config.knowledge,
             device=config.device,
+            byzantine_ids=None
+            if num_nodes is None
+            else config.byzantine_partitions(num_nodes),
         )
 
     def __repr__(self) -> str:
@@ -157,10 +172,18 @@ class ALIEStrategy(Strategy):
         views = [_view(m, weight_key) for m in valid]
         malformed = self.engine.malformed(server_round, views)
         if malformed:
-            errors += [_as_error(valid[i], reason) for i, reason in malformed.items()]
+            errors += [
+                _as_error(valid[i], f"malformed reply: {why}")
+                for i, why in malformed.items()
+            ]
             valid = [m for i, m in enumerate(valid) if i not in malformed]
             views = [v for i, v in enumerate(views) if i not in malformed]
         result = self.engine.attack(server_round, views)
+        if result.dropped:
+            errors += [
+                _as_error(valid[i], "Byzantine node without a crafted update")
+                for i in result.dropped
+            ]
         crafted = (
             None
             if result.crafted is None
@@ -171,7 +194,8 @@ class ALIEStrategy(Strategy):
         template = None if result.template is None else valid[result.template]
         forwarded = [
             _rebuild(m, v, crafted, template, weight_key)
-            for m, v in zip(valid, views, strict=True)
+            for i, (m, v) in enumerate(zip(valid, views, strict=True))
+            if i not in result.dropped
         ]
         seconds = time.perf_counter() - started
         arrays, metrics = self.strategy.aggregate_train(
@@ -240,6 +264,7 @@ def _view(message: Message, weight_key: str) -> Reply:
         return layers_from_record(records[0])
 
     return Reply(
+        partition=partition if isinstance(partition, int) else None,
         name=name,
         byzantine=bool(tag is not None and tag.get(TAG_BYZANTINE, False)),
         skipped=bool(tag is not None and tag.get(TAG_SKIPPED_TRAINING, False)),
@@ -250,9 +275,7 @@ def _view(message: Message, weight_key: str) -> Reply:
 
 def _as_error(message: Message, reason: str) -> Message:
     """Return a failed reply in place of `message`: the wrapped strategy skips it."""
-    error = Error(
-        code=ErrorCode.UNKNOWN, reason=f"flwr-alie: malformed reply: {reason}"
-    )
+    error = Error(code=ErrorCode.UNKNOWN, reason=f"flwr-alie: {reason}")
     # the reply's own metadata (Flower's overloads list reply_to= only)
     failed: Message = Message(error=error, metadata=copy.copy(message.metadata))  # type: ignore[call-overload]
     return failed

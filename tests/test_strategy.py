@@ -194,12 +194,27 @@ def test_round_without_honest_replies_is_logged_and_survived(flwr_warnings):
     _, byzantine = golden_round()
     arrays, metrics = wrapper.aggregate_train(1, byzantine)
     assert metrics["alie.attacked"] == 0
+    assert metrics["alie.skip-reason"] == 3
     assert any("no honest reply" in r.getMessage() for r in flwr_warnings)
-    # left as sent: the global model (they skipped training), tags stripped
-    for r in inner.received:
-        np.testing.assert_array_equal(r["layers"]["w"], GLOBAL["w"])
-        assert r["records"] == ["arrays", "metrics"]
-    np.testing.assert_array_equal(arrays["w"].numpy(), GLOBAL["w"])
+    # they skipped training: the global model, no update; not fed to the strategy
+    # at a typical weight but handed on as failures
+    assert [r["error"] for r in inner.received] == [True, True]
+    assert arrays is None
+
+
+def test_expected_byzantine_partitions_that_do_not_reply_are_named(flwr_warnings):
+    inner = RecordingFedAvg()
+    wrapper = configured(
+        ALIEStrategy(inner, z=1.0, device="cpu", byzantine_ids=[3, 4, 7])
+    )
+    honest, byzantine = golden_round()  # Byzantine partitions 3 and 4 reply
+    _, metrics = wrapper.aggregate_train(1, honest + byzantine)
+    assert metrics["alie.num-missing-byzantine"] == 1
+    assert metrics["alie.attacked"] == 1
+    assert any(
+        "no reply from 1 of the 3 Byzantine partitions: 7" in r.getMessage()
+        for r in flwr_warnings
+    )
 
 
 def test_z_max_without_a_valid_factor_is_logged_and_survived(flwr_warnings):

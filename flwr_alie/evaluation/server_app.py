@@ -297,6 +297,7 @@ def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
             direction=alie.direction,
             knowledge=alie.knowledge,
             device="cpu",
+            byzantine_ids=cell.byzantine_ids,
         )
     )
     data = load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)

@@ -1,9 +1,11 @@
 """ServerApp: a robust strategy wrapped in ALIEStrategy, evaluated centrally."""
 
 import json
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -16,20 +18,22 @@ from flwr.serverapp.strategy import (
 )
 
 from digits_alie.task import evaluate, make_model, task_data
-from flwr_alie import ALIEConfig, ALIEStrategy, check_setup
+from flwr_alie import ALIEConfig, ALIEStrategy, check_setup, z_max
 from flwr_alie.defenses import NNM
 
 app = ServerApp()
 
 
-def make_strategy(name: str, *, num_nodes: int, num_byzantine: int) -> Strategy:
+def make_strategy(
+    name: str, *, num_nodes: int, num_byzantine: int, min_nodes: int
+) -> Strategy:
     """A robust strategy configured for the Byzantine nodes it faces."""
     f = num_byzantine
     common = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": num_nodes,
-        "min_available_nodes": num_nodes,
+        "min_train_nodes": min_nodes,
+        "min_available_nodes": min_nodes,
     }
     strategies = {
         "fedavg": lambda: FedAvg(**common),
@@ -56,7 +60,10 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = int(config["num-nodes"])
     num_byzantine = len(alie.byzantine_partitions(num_nodes))
     inner = make_strategy(
-        str(config["strategy"]), num_nodes=num_nodes, num_byzantine=num_byzantine
+        str(config["strategy"]),
+        num_nodes=num_nodes,
+        num_byzantine=num_byzantine,
+        min_nodes=int(config["min-nodes"]) or num_nodes,
     )
     problems = check_setup(
         inner, num_nodes=num_nodes, num_byzantine=num_byzantine, z=alie.z
@@ -65,7 +72,20 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(
             "This configuration cannot be evaluated: " + "; ".join(problems)
         )
-    strategy = ALIEStrategy.from_config(inner, alie)
+    strategy = ALIEStrategy.from_config(inner, alie, num_nodes=num_nodes)
+    if (
+        alie.z == "max"
+        and num_byzantine
+        and z_max(num_nodes - num_byzantine, num_byzantine) == 0
+    ):
+        log(
+            WARNING,
+            "z = max is 0 for %d nodes with %d Byzantine: the crafted update is the "
+            "honest mean and the attack is a no-op; set alie.z or alie.fraction",
+            num_nodes,
+            num_byzantine,
+        )
+    save_path = Path(str(config["save-path"])) if config["save-path"] else None
 
     seed = int(config["seed"])
     test = task_data(num_nodes, seed).test
@@ -84,15 +104,20 @@ def main(grid: Grid, context: Context) -> None:
             if hasattr(arrays, "to_numpy_ndarrays_dict")
             else {k: a.numpy().tolist() for k, a in arrays.items()},
         }
+        if save_path is not None:  # every round: a stopped run keeps what it did
+            save_path.write_text(json.dumps(history))
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
+    # a round waits at most round-timeout seconds for replies, so that a node lost
+    # for good ends the run (with min-nodes below num-nodes, the run goes on)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(make_model(seed=seed).state_dict()),
         num_rounds=int(config["num-server-rounds"]),
+        timeout=float(config["round-timeout"]),
         evaluate_fn=central_evaluation,
     )
-    if config["save-path"]:
+    if save_path is not None:
         for server_round, metrics in result.train_metrics_clientapp.items():
             history[server_round]["train"] = dict(metrics)
-        Path(str(config["save-path"])).write_text(json.dumps(history))
+        save_path.write_text(json.dumps(history))
