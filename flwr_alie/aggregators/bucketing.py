@@ -37,8 +37,8 @@ def bucketing(
     Returns
     -------
     Tensor
-        ``(ceil(n / s), d)``, in the dtype and on the device of `x`: one GEMM with
-        the bucket-assignment matrix, one read of `x`.
+        ``(ceil(n / s), d)``, in the dtype and on the device of `x`: each row of
+        `x` is added once into its bucket (one read of `x`), then divided.
 
     Examples
     --------
@@ -59,9 +59,12 @@ def bucketing(
     acc = accumulation_dtype(x.dtype)
     perm = torch.randperm(n, generator=generator, device="cpu")
     buckets = math.ceil(n / s)
-    assign = torch.zeros((buckets, n), dtype=acc)
-    for k in range(buckets):
-        rows = perm[k * s : (k + 1) * s]
-        assign[k, rows] = 1.0 / len(rows)
+    # row perm[j] goes to bucket j // s: each row is added once into its bucket
+    of_row = torch.empty(n, dtype=torch.long)
+    of_row[perm] = torch.arange(n) // s
+    sizes = torch.bincount(of_row, minlength=buckets).to(acc)
     work = x if x.dtype == acc else x.to(acc)
-    return torch.mm(assign.to(x.device), work).to(x.dtype)
+    out = torch.zeros((buckets, x.shape[1]), dtype=acc, device=x.device)
+    out.index_add_(0, of_row.to(x.device), work)
+    out /= sizes.to(x.device).unsqueeze(1)
+    return out.to(x.dtype)

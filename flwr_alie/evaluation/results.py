@@ -204,13 +204,13 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: list[str] = []
 
-    def mark(setting: str | None) -> str | None:
+    def mark(setting: str | None, f: int) -> str | None:
         if setting is None or setting not in summary.failed:
             return None
         row = summary.info[setting]
         notes.append(
             f"{row['strategy']} ({row['split']}, {row['attack']}, "
-            f"f={row['num_byzantine']}/{row['clients']}): {summary.failed[setting]}"
+            f"f={f}/{row['clients']}): {summary.failed[setting]}"
         )
         return f"{summary.failed[setting].split(':')[0]} ({len(notes)})"
 
@@ -221,14 +221,14 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
             strategy,
             split,
             f"{f}/{n}" if n is not None else str(f),
-            mark(clean) or _acc(summary.accuracy(clean)),
+            mark(clean, f) or _acc(summary.accuracy(clean)),
             _diff(summary.difference(clean, summary.fedavg(split)))
             if strategy != "fedavg"
             else "",
         ]
         for column in columns:
             attacked = summary.find(key, column)
-            failed = mark(attacked)
+            failed = mark(attacked, f)
             cells += [
                 failed or _acc(summary.accuracy(attacked)),
                 "" if failed else _diff(summary.difference(attacked, clean)),

@@ -195,7 +195,7 @@ def test_invalid_configurations_are_reported(full_run):
         assert "Bulyan needs n >= 4 * num_malicious_nodes + 3 = 11" in invalid[key]
     table = (out / "table.md").read_text()
     assert "invalid (" in table
-    assert "bulyan (iid, clean, f=0/10): invalid: Bulyan needs n >= 4" in table
+    assert "bulyan (iid, clean, f=2/10): invalid: Bulyan needs n >= 4" in table
 
 
 @pytest.mark.slow

@@ -222,10 +222,20 @@ def test_failed_and_unfinished_cells_are_not_counted():
 def test_invalid_cells_are_footnoted_with_their_split():
     cell = build_grid(strategies=["bulyan"], zs=[1.0], clients=10, seeds=[0])[1]
     rows = [{**describe(cell), "round": None, "status": "invalid", "reason": "n<11"}]
-    rows += _rows(cell.reference(), [0.1, 0.5, 0.6])
+    rows += [
+        {
+            **describe(cell.reference()),
+            "round": None,
+            "status": "invalid",
+            "reason": "n",
+        }
+    ]
     table = paired_table(rows, last=1)
     assert "invalid (1)" in table
-    assert table.splitlines()[-1] == "1. bulyan (iid, z=1.0, f=2/10): invalid: n<11"
+    assert "invalid (2)" in table
+    lines = table.splitlines()
+    assert "1. bulyan (iid, clean, f=2/10): invalid: n" in lines
+    assert "2. bulyan (iid, z=1.0, f=2/10): invalid: n<11" in lines
 
 
 def test_plots_are_png_files(tmp_path):
