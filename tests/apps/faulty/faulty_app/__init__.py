@@ -1,0 +1,1 @@
+"""A ClientApp that misbehaves on purpose, for the tests of fault handling."""
