@@ -35,6 +35,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from flwr_alie._wrapping import StrategyWrapper
 from flwr_alie.aggregators import (
     bucketing,
     centered_clipping,
@@ -268,48 +269,7 @@ class GeometricMedian(_RobustFedAvg):
         return update, {"gm.update-norm": float(torch.linalg.vector_norm(update))}
 
 
-class _Wrapper(Strategy):
-    """Hold an inner strategy, remember the global model, forward all but training."""
-
-    def __init__(self, inner: Strategy) -> None:
-        if not isinstance(inner, Strategy):
-            raise TypeError(
-                "Expected `inner` to be a flwr.serverapp.strategy.Strategy, got "
-                f"{type(inner).__name__}"
-            )
-        self.strategy = inner
-        self._global: tuple[int, Layers] | None = None
-
-    def summary(self) -> None:
-        """Log the inner strategy's summary."""
-        self.strategy.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the round's global model, then delegate."""
-        self._global = (server_round, layers_from_record(arrays))
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def _global_for(self, server_round: int) -> Layers | None:
-        if self._global is None or self._global[0] != server_round:
-            return None
-        return self._global[1]
-
-
-class NNM(_Wrapper):
+class NNM(StrategyWrapper):
     """Nearest-neighbour mixing (Allouah et al., AISTATS 2023) before any strategy.
 
     Every train reply's floating arrays are replaced by global + the mean of the
@@ -364,7 +324,7 @@ class NNM(_Wrapper):
         return arrays, merged
 
 
-class Bucketing(_Wrapper):
+class Bucketing(StrategyWrapper):
     """Bucketing (Karimireddy, He and Jaggi, ICLR 2022) before any strategy.
 
     The round's valid replies (sorted by node id) are shuffled into buckets of `s`

@@ -41,6 +41,7 @@ __all__ = [
     "Reply",
     "RoundEngine",
     "RoundResult",
+    "engine_for",
     "reply_order",
 ]
 
@@ -514,6 +515,19 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) ->
 def _finite(mu: torch.Tensor, sigma: torch.Tensor) -> bool:
     """Whether both moments are finite (NaN and inf in a row reach them)."""
     return bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())
+
+
+def engine_for(
+    z: float | Literal["max"],
+    direction: Direction,
+    knowledge: Knowledge,
+    device: str,
+    byzantine_ids: Collection[int] | None,
+) -> RoundEngine:
+    """Build the engine of a wrapper from its options, all checked here."""
+    engine = RoundEngine(z=z, direction=direction, knowledge=knowledge, device=device)
+    engine.expect(byzantine_ids)
+    return engine
 
 
 def _median_weight(replies: Sequence[Reply], honest: Sequence[int]) -> int | None:

@@ -43,7 +43,7 @@ from flwr_alie.config import (
     ALIEConfig,
     Knowledge,
 )
-from flwr_alie.engine import KEY_SECONDS, Reply, RoundEngine, reply_order
+from flwr_alie.engine import KEY_SECONDS, Reply, engine_for, reply_order
 from flwr_alie.params import (
     layers_from_parameters,
     parameters_from_layers,
@@ -169,10 +169,7 @@ class ALIELegacyStrategy(Strategy):
                 "ALIEStrategy"
             )
         self.strategy = strategy
-        self.engine = RoundEngine(
-            z=z, direction=direction, knowledge=knowledge, device=device
-        )
-        self.engine.expect(byzantine_ids)
+        self.engine = engine_for(z, direction, knowledge, device, byzantine_ids)
 
     @property
     def config(self) -> ALIEConfig:

@@ -24,9 +24,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flwr_alie._wrapping import StrategyWrapper
 from flwr_alie.attacks import Direction
 from flwr_alie.config import (
     TAG_BYZANTINE,
@@ -36,7 +36,7 @@ from flwr_alie.config import (
     ALIEConfig,
     Knowledge,
 )
-from flwr_alie.engine import KEY_SECONDS, Reply, RoundEngine, reply_order
+from flwr_alie.engine import KEY_SECONDS, Reply, engine_for, reply_order
 from flwr_alie.params import (
     Layers,
     arrays_from_layers,
@@ -47,7 +47,7 @@ from flwr_alie.params import (
 __all__ = ["ALIEStrategy"]
 
 
-class ALIEStrategy(Strategy):
+class ALIEStrategy(StrategyWrapper):
     """Run ALIE on each training round, then aggregate with the wrapped strategy.
 
     For Message-API strategies (``flwr.serverapp.strategy``: FedAvg, FedMedian,
@@ -107,17 +107,10 @@ class ALIEStrategy(Strategy):
         device: str = "auto",
         byzantine_ids: Collection[int] | None = None,
     ) -> None:
-        if not isinstance(strategy, Strategy):
-            raise TypeError(
-                "Expected `strategy` to be a flwr.serverapp.strategy.Strategy, got "
-                f"{type(strategy).__name__}; wrap legacy strategies in "
-                "ALIELegacyStrategy"
-            )
-        self.strategy = strategy
-        self.engine = RoundEngine(
-            z=z, direction=direction, knowledge=knowledge, device=device
+        super().__init__(
+            strategy, hint="; wrap legacy strategies in ALIELegacyStrategy"
         )
-        self.engine.expect(byzantine_ids)
+        self.engine = engine_for(z, direction, knowledge, device, byzantine_ids)
 
     @property
     def config(self) -> ALIEConfig:
@@ -151,14 +144,10 @@ class ALIEStrategy(Strategy):
     def summary(self) -> None:
         """Log the attack settings, then the wrapped strategy's summary."""
         self.engine.log_settings()
-        self.strategy.summary()
+        super().summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the round's global model, then delegate."""
-        self.engine.remember(server_round, layers_from_record(arrays))
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+    def _remember(self, server_round: int, global_layers: Layers) -> None:
+        self.engine.remember(server_round, global_layers)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -211,18 +200,6 @@ class ALIEStrategy(Strategy):
         for key, value in telemetry.items():
             merged[key] = value
         return arrays, merged
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def _tag(message: Message) -> ConfigRecord | None:

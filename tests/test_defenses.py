@@ -184,7 +184,7 @@ def test_composition_with_the_attack_and_the_setup_checks():
             "`weighted` to be a bool, got 1",
         ),
         (lambda: NNM(FedAvg(), f=-1), ValueError, "`f` >= 0, got -1"),
-        (lambda: NNM("krum", f=1), TypeError, "got str"),
+        (lambda: NNM("krum", f=1), TypeError, "`inner` to be a flwr.*got str"),
         (lambda: Bucketing(FedAvg(), s=0), ValueError, "`s` >= 1, got 0"),
     ],
 )
