@@ -1,6 +1,7 @@
 """The flwr-alie command: flag validation (fast) and a small grid end to end (slow)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -301,3 +302,22 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sigterm_is_an_orderly_stop_with_status_143(tmp_path, monkeypatch, capsys):
+    # the run itself stands in for a Flower run that is interrupted by SIGTERM
+    import flwr_alie.evaluation.cli as cli
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(cli, "_run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    status = main(["--out", str(tmp_path), "--rounds", "1", "--last", "1"])
+    assert status == 143
+    err = capsys.readouterr().err
+    assert "flwr-alie: interrupted; 0 rows saved" in err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
