@@ -95,7 +95,8 @@ def test_a_byzantine_node_lost_for_good_ends_its_rounds_cleanly(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     history = _history(history_path)
     assert sorted(history) == [0, 1, 2, 3]  # every round ended
-    assert history[1]["train"]["alie.attacked"] == 1
+    # (round 1 may start before all four SuperNodes have connected, since a
+    # round needs three: whether it was attacked is not what this test checks)
     last = history[3]["train"]
     assert last["alie.num-missing-byzantine"] == 1
     assert last["alie.skip-reason"] == 1  # no Byzantine reply arrived
