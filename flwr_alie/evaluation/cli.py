@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--dataset",
         default="digits",
-        help="'digits' (offline) or a Hugging Face id with image/label columns, "
+        help="'digits' or 'mnist1d' (both offline) or a Hugging Face id with "
+        "image/label columns, "
         "e.g. ylecun/mnist (needs a network) (default: %(default)s)",
     )
     task.add_argument(

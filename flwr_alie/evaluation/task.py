@@ -26,6 +26,7 @@ from torch import nn
 
 __all__ = [
     "DIGITS",
+    "MNIST1D",
     "Partition",
     "TaskData",
     "evaluate",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 DIGITS = "digits"
+MNIST1D = "mnist1d"
+# MNIST-1D samples generated: 8,000 for training (157 a client at n = 51), 2,000 test
+_MNIST1D_SAMPLES = 10_000
 Split = Literal["iid", "dirichlet"]
 
 
@@ -74,8 +78,9 @@ def load_data(
     Parameters
     ----------
     dataset : str
-        ``"digits"`` (offline), or a Hugging Face dataset id with ``image`` and
-        ``label`` columns (online; loaded through Flower Datasets).
+        ``"digits"`` or ``"mnist1d"`` (both offline), or a Hugging Face dataset id
+        with ``image`` and ``label`` columns (online; loaded through Flower
+        Datasets).
     num_partitions : int
         Number of clients.
     split : {"iid", "dirichlet"}
@@ -134,6 +139,8 @@ def _load_arrays(dataset: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
 
         digits = load_digits()
         return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    if dataset == MNIST1D:
+        return _mnist1d_arrays()
     from flwr_datasets import FederatedDataset  # pragma: no cover - needs a network
     from flwr_datasets.partitioner import IidPartitioner
 
@@ -141,6 +148,32 @@ def _load_arrays(dataset: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     part = fds.load_partition(0).with_format("numpy")
     images = np.asarray(part["image"], dtype=np.float32).reshape(len(part), -1) / 255.0
     return images, np.asarray(part["label"], dtype=np.int64)
+
+
+def _mnist1d_arrays() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Generate MNIST-1D here with ``mnist1d``'s ``make_dataset``: no download.
+
+    Greydanus's MNIST-1D (40-sample 1-D signals of the ten digits), generated from
+    the package's default arguments (seed 42) with 10,000 samples; its own
+    train/test split is merged, since :func:`load_data` splits by the run's seed.
+    ``make_dataset`` seeds Python's and NumPy's global generators: their states are
+    restored afterwards.
+    """
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = _MNIST1D_SAMPLES
+    states = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    return x, y
 
 
 def _as_partition(x: NDArray[np.float32], y: NDArray[np.int64]) -> Partition:

@@ -48,3 +48,35 @@ def test_training_is_deterministic_given_the_seed_and_learns():
     _, before = evaluate(make_model(seed=0), data.test)
     _, after = evaluate(model, data.test)
     assert after > before + 0.3
+
+
+def test_mnist1d_is_generated_offline_deterministically_for_51_clients(monkeypatch):
+    import random
+
+    import numpy as np
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("MNIST-1D must not be downloaded")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    load_data.cache_clear()
+    random.seed(7)
+    np.random.seed(7)
+    before = (random.getstate(), np.random.get_state()[1].copy())
+    first = load_data("mnist1d", 51, "iid", 0.5, 0)
+    assert random.getstate() == before[0]  # the global generators are restored
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    load_data.cache_clear()
+    again = load_data("mnist1d", 51, "iid", 0.5, 0)
+    assert first.num_features == 40
+    assert first.num_classes == 10
+    assert len(first.test) == 2000
+    assert min(len(p) for p in first.partitions) >= 150  # a meaningful share each
+    for a, b in zip(first.partitions, again.partitions, strict=True):
+        assert torch.equal(a.x, b.x)
+        assert torch.equal(a.y, b.y)
+    model = make_model(first.num_features, first.num_classes)
+    train(model, first.partitions[0], epochs=1, lr=0.1)
+    _, accuracy = evaluate(model, first.test)
+    assert 0.0 <= accuracy <= 1.0
