@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Collection, Sequence
 from logging import INFO, WARNING
@@ -138,6 +139,11 @@ class Reply:
     weight: float
     read_layers: Callable[[], Layers]
     partition: int | None = None
+
+    @functools.cached_property
+    def layers(self) -> Layers:
+        """The reply's arrays, read once a round (views of its bytes, no copy)."""
+        return self.read_layers()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +295,7 @@ class RoundEngine:
         found: dict[int, str] = {}
         for i, reply in enumerate(replies):
             try:
-                spec.check(reply.read_layers(), reply.name)
+                spec.check(reply.layers, reply.name)
             except ValueError as err:
                 found[i] = str(err)
                 log(
@@ -459,7 +465,7 @@ class RoundEngine:
         buffer: torch.Tensor | None,
     ) -> tuple[torch.Tensor, PackSpec]:
         return pack(
-            [replies[i].read_layers for i in indices],
+            [replies[i].layers for i in indices],
             global_layers,
             device=self.device,
             names=[replies[i].name for i in indices],
