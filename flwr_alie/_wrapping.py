@@ -15,7 +15,20 @@ from flwr.serverapp.strategy import Strategy
 
 from flwr_alie.params import Layers, layers_from_record
 
-__all__ = ["StrategyWrapper"]
+__all__ = ["StrategyWrapper", "reply_weight"]
+
+
+def reply_weight(message: Message, key: str) -> float:
+    """Return a train reply's sample count: the number under `key` in its metrics.
+
+    The last MetricRecord that holds a number under `key` counts; 0 if none does.
+    """
+    weight = 0.0
+    for record in message.content.metric_records.values():
+        value = record.get(key)
+        if isinstance(value, int | float):
+            weight = float(value)
+    return weight
 
 
 class StrategyWrapper(Strategy):

@@ -35,7 +35,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from flwr_alie._wrapping import StrategyWrapper
+from flwr_alie._wrapping import StrategyWrapper, reply_weight
 from flwr_alie.aggregators import (
     bucketing,
     centered_clipping,
@@ -48,6 +48,7 @@ from flwr_alie.params import (
     PackSpec,
     arrays_from_layers,
     layers_from_record,
+    layers_from_reply,
     pack,
     record_from_layers,
     unpack,
@@ -56,26 +57,13 @@ from flwr_alie.params import (
 __all__ = ["NNM", "Bucketing", "CenteredClipping", "GeometricMedian"]
 
 
-def _layers_of(message: Message) -> Layers:
-    return layers_from_record(_record(message))
-
-
-def _record(message: Message) -> ArrayRecord:
-    records = list(message.content.array_records.values())
-    if len(records) != 1:
-        raise ValueError(
-            f"node {message.metadata.src_node_id}: expected one ArrayRecord in the "
-            f"train reply, got {len(records)}"
-        )
-    return records[0]
-
-
 def _pack_updates(
     replies: Sequence[Message], global_layers: Layers
 ) -> tuple[torch.Tensor, PackSpec]:
     """Pack the replies' floating arrays minus the global ones, a row per reply."""
     readers: list[Callable[[], Layers]] = [
-        functools.partial(_layers_of, m) for m in replies
+        functools.partial(layers_from_reply, m, f"node {m.metadata.src_node_id}")
+        for m in replies
     ]
     return pack(
         readers,
@@ -256,13 +244,9 @@ class GeometricMedian(_RobustFedAvg):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         weights = None
         if self.weighted:
-            counts = []
-            for m in replies:
-                value = next(iter(m.content.metric_records.values())).get(
-                    self.weighted_by_key, 0
-                )
-                counts.append(float(value) if isinstance(value, int | float) else 0.0)
-            weights = torch.tensor(counts)
+            weights = torch.tensor(
+                [reply_weight(m, self.weighted_by_key) for m in replies]
+            )
         update = geometric_median(
             x, weights=weights, nu=self.nu, iterations=self.iterations, tol=self.tol
         )
@@ -377,10 +361,7 @@ class Bucketing(StrategyWrapper):
         forwarded = []
         for k, row in enumerate(means):
             members = [valid[i] for i in perm[k * self.s : (k + 1) * self.s]]
-            count = 0.0
-            for m in members:
-                value = next(iter(m.content.metric_records.values())).get(weight_key, 0)
-                count += float(value) if isinstance(value, int | float) else 0.0
+            count = float(sum(reply_weight(m, weight_key) for m in members))
             layers = unpack(row, spec, global_layers)
             first = _with_arrays(
                 members[0],

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from flwr_alie.attacks import Direction, alie_vector, moments, z_max
 from flwr_alie.config import ALIEConfig, Knowledge, resolve_device
-from flwr_alie.params import Layers, PackSpec, pack, unpack
+from flwr_alie.params import Layers, PackSpec, pack, pack_aggregate, unpack
 
 __all__ = [
     "KEY_AGGREGATE_TO_CRAFTED",
@@ -493,19 +493,13 @@ class RoundEngine:
             return {}
         if aggregate is None or global_layers is None:
             return {}
-        # compare the floating arrays only: strategies average integer buffers too
-        floating = set(PackSpec.of(global_layers).packed_keys)
         v = self._vectors
         try:
-            layers = {
-                key: aggregate[key] if key in floating else value
-                for key, value in global_layers.items()
-            }
             kept = None if v is None else v[3:4]
-            x, _ = pack([layers], global_layers, device=row.device, out=kept)
+            a, _ = pack_aggregate(aggregate, global_layers, device=row.device, out=kept)
         except (KeyError, ValueError):
             return {}
-        a, scratch = x[0], (v[4] if v is not None else None)
+        scratch = v[4] if v is not None else None
         return {
             KEY_AGGREGATE_TO_CRAFTED: _distance(a, row, scratch) / spread,
             KEY_AGGREGATE_TO_MEAN: _distance(a, mu, scratch) / spread,

@@ -16,9 +16,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr_alie._wrapping import StrategyWrapper
 from flwr_alie.aggregators._checks import check_real
 from flwr_alie.params import (
-    PackSpec,
     layers_from_record,
-    pack,
+    pack_aggregate,
     record_from_layers,
     unpack,
 )
@@ -80,15 +79,7 @@ class ServerMomentum(StrategyWrapper):
         global_layers = self._global_for(server_round)
         if arrays is None or global_layers is None:
             return arrays, metrics
-        aggregate = layers_from_record(arrays)
-        floating = set(PackSpec.of(global_layers).packed_keys)
-        # the update concerns floating arrays only: strategies average counters too
-        layers = {
-            key: aggregate[key] if key in floating else value
-            for key, value in global_layers.items()
-        }
-        x, spec = pack([layers], global_layers, dtype=torch.float32)
-        update = x[0]
+        update, spec = pack_aggregate(layers_from_record(arrays), global_layers)
         if self._buffer is None or self._buffer.shape != update.shape:
             self._buffer = torch.zeros_like(update)
         self._buffer.mul_(self.momentum).add_(update)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from numpy.typing import NDArray
 from torch import Tensor
@@ -31,7 +31,9 @@ __all__ = [
     "arrays_from_layers",
     "layers_from_parameters",
     "layers_from_record",
+    "layers_from_reply",
     "pack",
+    "pack_aggregate",
     "parameters_from_layers",
     "record_from_layers",
     "tensors_from_layers",
@@ -223,6 +225,36 @@ def unpack(
     return layers
 
 
+def pack_aggregate(
+    aggregate: Layers,
+    reference: Layers,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    out: Tensor | None = None,
+) -> tuple[Tensor, PackSpec]:
+    """Pack an aggregate's floating layers as one update row from `reference`.
+
+    Only the floating layers count: strategies average integer counters (BatchNorm's
+    ``num_batches_tracked``) into floats, which :func:`pack` would refuse as a
+    dtype of another kind. Returns the ``(d,)`` row and the spec that inverts it.
+
+    Raises
+    ------
+    KeyError
+        If `aggregate` lacks a floating layer of `reference`.
+    ValueError
+        If a floating layer's shape differs.
+    """
+    floating = set(PackSpec.of(reference).packed_keys)
+    layers = {
+        key: aggregate[key] if key in floating else value
+        for key, value in reference.items()
+    }
+    x, spec = pack([layers], reference, dtype=dtype, device=device, out=out)
+    return x[0], spec
+
+
 def _tensor(array: NDArray[np.generic]) -> torch.Tensor:
     """Share the memory of `array`, read-only views included (never written to)."""
     with warnings.catch_warnings():
@@ -274,6 +306,19 @@ def record_from_layers(
 def arrays_from_layers(layers: Layers) -> dict[str, Array]:
     """Serialize layers once, for :func:`record_from_layers` to share."""
     return {key: Array(np.asarray(value)) for key, value in layers.items()}
+
+
+def layers_from_reply(message: Message, name: str) -> dict[str, NDArray[np.generic]]:
+    """Read the one ``ArrayRecord`` of a train reply into layers (views).
+
+    Raises ``ValueError`` naming the reply (`name`) when it holds no or several.
+    """
+    records = list(message.content.array_records.values())
+    if len(records) != 1:
+        raise ValueError(
+            f"{name}: expected one ArrayRecord in the train reply, got {len(records)}"
+        )
+    return layers_from_record(records[0])
 
 
 def layers_from_parameters(parameters: Parameters) -> dict[str, NDArray[np.generic]]:

@@ -10,6 +10,7 @@ strategy, intercepts ``configure_train`` (to see the round's global model) and
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Collection, Iterable
 from typing import Literal
@@ -26,7 +27,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
-from flwr_alie._wrapping import StrategyWrapper
+from flwr_alie._wrapping import StrategyWrapper, reply_weight
 from flwr_alie.attacks import Direction
 from flwr_alie.config import (
     TAG_BYZANTINE,
@@ -41,6 +42,7 @@ from flwr_alie.params import (
     Layers,
     arrays_from_layers,
     layers_from_record,
+    layers_from_reply,
     record_from_layers,
 )
 
@@ -218,12 +220,6 @@ def _order(message: Message) -> tuple[int, int]:
 
 def _view(message: Message, weight_key: str) -> Reply:
     tag = _tag(message)
-    content = message.content
-    weight = 0.0
-    for record in content.metric_records.values():
-        value = record.get(weight_key)
-        if isinstance(value, int | float):
-            weight = float(value)
     partition = _partition(message)
     name = (
         f"partition {partition} (node {message.metadata.src_node_id})"
@@ -231,22 +227,13 @@ def _view(message: Message, weight_key: str) -> Reply:
         else f"node {message.metadata.src_node_id}"
     )
 
-    def read_layers() -> Layers:
-        records = list(content.array_records.values())
-        if len(records) != 1:
-            raise ValueError(
-                f"{name}: expected one ArrayRecord in the train reply, got "
-                f"{len(records)}"
-            )
-        return layers_from_record(records[0])
-
     return Reply(
         partition=partition if isinstance(partition, int) else None,
         name=name,
         byzantine=bool(tag is not None and tag.get(TAG_BYZANTINE, False)),
         skipped=bool(tag is not None and tag.get(TAG_SKIPPED_TRAINING, False)),
-        weight=weight,
-        read_layers=read_layers,
+        weight=reply_weight(message, weight_key),
+        read_layers=functools.partial(layers_from_reply, message, name),
     )
 
 

@@ -10,7 +10,9 @@ from flwr_alie.params import (
     arrays_from_layers,
     layers_from_parameters,
     layers_from_record,
+    layers_from_reply,
     pack,
+    pack_aggregate,
     parameters_from_layers,
     record_from_layers,
     tensors_from_layers,
@@ -204,3 +206,32 @@ def test_records_are_read_as_views_of_their_bytes_in_any_memory_order():
     for key, value in layers.items():
         np.testing.assert_array_equal(back[key], value)
         assert not back[key].flags.writeable  # a view of the record's bytes
+
+
+def test_an_aggregate_packs_as_its_floating_update():
+    reference = {"w": np.array([1.0, 2.0], np.float32), "steps": np.array(4)}
+    # FedAvg averages the integer counter into a float: not part of the update
+    aggregate = {"w": np.array([1.5, 1.0], np.float32), "steps": np.array(4.5)}
+    row, spec = pack_aggregate(aggregate, reference)
+    np.testing.assert_array_equal(row.numpy(), [0.5, -1.0])
+    assert spec.packed_keys == ("w",)
+    with pytest.raises(ValueError, match="dtype float64"):
+        pack([aggregate], reference)  # what pack_aggregate spares its callers
+
+
+def test_a_reply_with_several_array_records_is_refused_by_name():
+    from flwr.app import Message, RecordDict
+
+    from tests.flower_helpers import metadata
+
+    content = RecordDict(
+        {
+            "a": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+            "b": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+        }
+    )
+    message = Message(content=content, metadata=metadata(7))
+    with pytest.raises(
+        ValueError, match=r"partition 3: expected one ArrayRecord.*got 2"
+    ):
+        layers_from_reply(message, "partition 3")
