@@ -25,7 +25,6 @@ __all__ = [
     "plot_accuracy",
     "plot_effect",
     "read_rows",
-    "summarize",
 ]
 
 Row = dict[str, Any]
@@ -158,11 +157,6 @@ def _setting(row: Row) -> str:
     return str(row["cell"]).rsplit("/seed", 1)[0]
 
 
-def summarize(rows: Sequence[Row], last: int) -> Summary:
-    """Return the :class:`Summary` of `rows`."""
-    return Summary(rows, last)
-
-
 def _acc(interval: Interval | None) -> str:
     if interval is None:
         return ""
@@ -194,7 +188,7 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
     - *effect*: attacked minus clean, paired by seed, ``[95% interval]``, and
       ``*`` where the interval excludes 0.
     """
-    summary = summarize(rows, last)
+    summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
     clients = {row["clients"] for row in rows}
     n = next(iter(clients)) if len(clients) == 1 else None
@@ -295,7 +289,7 @@ def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    summary = summarize(rows, last)
+    summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
     panels = sorted({(split, f) for _, split, f in keys})
     columns = ["clean", *columns]
@@ -347,7 +341,7 @@ def plot_effect(rows: Sequence[Row], path: Path, *, last: int) -> None:
     plt = _pyplot()
     import numpy as np
 
-    summary = summarize(rows, last)
+    summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
     values = np.full((len(keys), len(columns)), np.nan)
     text = [["" for _ in columns] for _ in keys]
