@@ -27,9 +27,11 @@ from typing import Literal
 
 from flwr_alie.attacks import check_z
 from flwr_alie.evaluation.grid import Cell, build_grid, load_cells, save_cells
+from flwr_alie.evaluation.presets import PRESETS
 from flwr_alie.evaluation.strategies import DEFENCES, FLOWER_STRATEGIES, STRATEGIES
+from flwr_alie.evaluation.task import MODELS
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PROGRESS_TAG = "[flwr-alie]"  # what the ServerApp prefixes its progress lines with
@@ -91,6 +93,18 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _momentum(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a momentum in [0, 1), got {value!r}"
+        )
+    return number
+
+
 def _z(value: str) -> float | Literal["max"]:
     if value == "max":
         return "max"
@@ -130,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Scale out: point RAY_ADDRESS at a running Ray cluster and the\n"
             "simulation joins it."
         ),
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start from a named set of options; flags given win: "
+        + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+        + " (default: none)",
     )
     grid = parser.add_argument_group("grid (every combination is a cell)")
     grid.add_argument(
@@ -221,16 +243,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="federated rounds (default: %(default)s)",
     )
     task.add_argument(
+        "--model",
+        default="mlp",
+        choices=MODELS,
+        help="mlp, or cnn (1-D for mnist1d, 2-D for images) (default: %(default)s)",
+    )
+    task.add_argument(
         "--epochs",
         type=_int_at_least(1),
         default=3,
-        help="local epochs per round (default: %(default)s)",
+        help="local epochs per round, unless --local-steps (default: %(default)s)",
+    )
+    task.add_argument(
+        "--local-steps",
+        type=_int_at_least(0),
+        default=0,
+        help="FedSGD: K local SGD steps on minibatches per round instead of "
+        "--epochs; 1 is the ALIE paper's distributed SGD (default: %(default)s, "
+        "local epochs)",
     )
     task.add_argument(
         "--lr",
         type=_positive,
         default=0.5,
         help="local SGD learning rate, > 0 (default: %(default)s)",
+    )
+    task.add_argument(
+        "--worker-momentum",
+        type=_momentum,
+        default=0.0,
+        help="with --local-steps: each client's momentum in [0, 1), kept across "
+        "rounds (Karimireddy et al., 2021) (default: %(default)s)",
+    )
+    task.add_argument(
+        "--server-lr",
+        type=_positive,
+        default=1.0,
+        help="server learning rate on the aggregate's update, > 0 "
+        "(default: %(default)s)",
+    )
+    task.add_argument(
+        "--server-momentum",
+        type=_momentum,
+        default=0.0,
+        help="server momentum in [0, 1) on the aggregate's update "
+        "(default: %(default)s)",
     )
     task.add_argument(
         "--batch-size",
@@ -321,8 +378,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         args = _report_parser().parse_args(argv[1:])
         return _report(args.dir, args.last)
+    args, cells = parse(argv)
+    out: Path = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        todo = _prepare(out, cells, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as err:
+        print(f"flwr-alie: {err}", file=sys.stderr)
+        return 2
+    return _run_and_report(todo, cells, out, args)
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Cell]]:
+    """Return the options of a run and its cells; exit 2 naming a bad flag.
+
+    A ``--preset``'s values replace the defaults; flags given win over them.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset].options)
+        args = parser.parse_args(argv)
+    if args.worker_momentum and not args.local_steps:
+        parser.error(
+            "argument --worker-momentum: applies to --local-steps K > 0 (FedSGD), "
+            f"got {args.worker_momentum:g} with local epochs"
+        )
+    if args.last > args.rounds and not any(a.startswith("--last") for a in argv):
+        args.last = args.rounds  # a default (or a preset's) follows --rounds
     if args.last > args.rounds:
         parser.error(f"argument --last: expected at most --rounds ({args.rounds}), "
                      f"got {args.last}")  # fmt: skip
@@ -339,19 +421,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             alpha=args.alpha,
             clients=args.clients,
             rounds=args.rounds,
-            epochs=args.epochs,
+            epochs=0 if args.local_steps else args.epochs,
             lr=args.lr,
             batch_size=args.batch_size,
+            model=args.model,
+            steps=args.local_steps,
+            worker_momentum=args.worker_momentum,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
         )
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    out: Path = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        todo = _prepare(out, cells, resume=args.resume, overwrite=args.overwrite)
-    except ValueError as err:
-        print(f"flwr-alie: {err}", file=sys.stderr)
-        return 2
-    return _run_and_report(todo, cells, out, args)
+    return args, cells
 
 
 def _prepare(

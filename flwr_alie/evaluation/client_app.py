@@ -10,6 +10,7 @@ of the run it is, so that the ServerApp can form the groups.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import zlib
 
@@ -23,13 +24,28 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
+from torch import nn
 
-from flwr_alie.evaluation.task import load_data, make_model, train
+from flwr_alie.evaluation.task import (
+    Partition,
+    load_data,
+    make_model,
+    train,
+    train_steps,
+)
 from flwr_alie.mod import alie_mod
 
-__all__ = ["KEY_NODE_INDEX", "app", "group_mod", "minibatch_seed"]
+__all__ = [
+    "KEY_NODE_INDEX",
+    "WORKER_MOMENTUM_PREFIX",
+    "app",
+    "group_mod",
+    "minibatch_seed",
+]
 
 KEY_NODE_INDEX = "node-index"
+WORKER_MOMENTUM_PREFIX = "worker-momentum/"
+"""``Context.state`` key prefix of a cell's worker-momentum buffers (+ cell key)."""
 
 
 def minibatch_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -68,6 +84,28 @@ def _get(record: ConfigRecord, key: str) -> float | int | str | bool:
     return value
 
 
+_local = threading.local()
+
+
+def _model(
+    num_features: int, num_classes: int, kind: str, input_shape: tuple[int, ...]
+) -> nn.Module:
+    """Return this thread's model of that architecture, to be loaded with weights.
+
+    Building a model costs more than a FedSGD step; every parameter is then
+    overwritten by ``load_state_dict``, so each thread keeps one per architecture.
+    """
+    models: dict[tuple[object, ...], nn.Module] = _local.__dict__.setdefault(
+        "models", {}
+    )
+    key = (num_features, num_classes, kind, input_shape)
+    if key not in models:
+        models[key] = make_model(
+            num_features, num_classes, kind=kind, input_shape=input_shape
+        )
+    return models[key]
+
+
 @app.train()
 def _train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
@@ -83,22 +121,68 @@ def _train(msg: Message, context: Context) -> Message:
         seed,
     )
     partition = data.partitions[partition_id]
-    model = make_model(data.num_features, data.num_classes)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    loss = train(
-        model,
-        partition,
-        epochs=int(_get(config, "epochs")),
-        lr=float(_get(config, "lr")),
-        batch_size=int(_get(config, "batch-size")),
-        seed=minibatch_seed(seed, int(_get(config, "server-round")), partition_id),
+    model = _model(
+        data.num_features,
+        data.num_classes,
+        str(_get(config, "model")),
+        data.input_shape,
     )
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    lr, batch_size = float(_get(config, "lr")), int(_get(config, "batch-size"))
+    batch_seed = minibatch_seed(seed, int(_get(config, "server-round")), partition_id)
+    steps = int(_get(config, "local-steps"))
+    if steps:
+        loss = _fedsgd(model, partition, config, context, lr, batch_size, batch_seed)
+    else:
+        loss = train(
+            model,
+            partition,
+            epochs=int(_get(config, "epochs")),
+            lr=lr,
+            batch_size=batch_size,
+            seed=batch_seed,
+        )
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "train-loss": loss,
         "num-examples": len(partition),
+        "local-steps": steps,
         "train-seconds": time.perf_counter() - started,
     }
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _fedsgd(
+    model: nn.Module,
+    partition: Partition,
+    config: ConfigRecord,
+    context: Context,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> float:
+    """Take the cell's local steps; keep its worker momentum in ``context.state``.
+
+    The node's Context lives as long as the run, and a node serves several cells,
+    so each cell's buffers have a key of their own.
+    """
+    momentum = float(_get(config, "worker-momentum"))
+    key = WORKER_MOMENTUM_PREFIX + str(_get(config, "cell"))
+    buffers = None
+    if momentum and key in context.state.array_records:
+        buffers = dict(context.state.array_records[key].to_torch_state_dict())
+    loss, buffers = train_steps(
+        model,
+        partition,
+        steps=int(_get(config, "local-steps")),
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        momentum=momentum,
+        buffers=buffers,
+    )
+    if momentum:
+        context.state[key] = ArrayRecord(buffers)
+    return loss

@@ -42,6 +42,13 @@ class Cell:
     (``num_malicious_nodes``, the trimmed count); ``byzantine_ids`` the partitions
     that attack (empty for a clean cell). `z`, `direction` and `knowledge` are
     ``None`` in a clean cell.
+
+    The training regime: ``steps = 0`` trains `epochs` local epochs a round
+    (FedAvg-style); ``steps = K > 0`` takes K local SGD steps on minibatches
+    instead (FedSGD-style, the ALIE paper's with ``K = 1``), with worker momentum
+    `worker_momentum`. The server applies `server_lr` and `server_momentum` to
+    the aggregate's update (:class:`flwr_alie.optim.ServerMomentum`; the default
+    1 and 0 leave the aggregate as it is).
     """
 
     strategy: str
@@ -59,6 +66,11 @@ class Cell:
     epochs: int = 3
     lr: float = 0.5
     batch_size: int = 8
+    model: str = "mlp"
+    steps: int = 0
+    worker_momentum: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     @property
     def attacked(self) -> bool:

@@ -46,6 +46,9 @@ def flower_env(home: Path) -> dict[str, str]:
             # Ray's socket paths must stay under 108 bytes: a short folder
             "RAY_TMPDIR": _short_tmpdir(home),
             "PYTHONUNBUFFERED": "1",
+            # the SuperLink starts flower-superexec by name: find this install's
+            # even when its environment is not activated
+            "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
         }
     )
     return env

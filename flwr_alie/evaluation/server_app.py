@@ -43,6 +43,7 @@ from flwr_alie.evaluation.client_app import KEY_NODE_INDEX
 from flwr_alie.evaluation.grid import Cell, load_cells
 from flwr_alie.evaluation.strategies import make_strategy
 from flwr_alie.evaluation.task import evaluate, load_data, make_model
+from flwr_alie.optim import ServerMomentum
 from flwr_alie.strategy import ALIEStrategy
 
 __all__ = ["PROGRESS_TAG", "app", "describe"]
@@ -172,6 +173,11 @@ def describe(cell: Cell) -> dict[str, object]:
         "epochs": cell.epochs,
         "lr": cell.lr,
         "batch_size": cell.batch_size,
+        "model": cell.model,
+        "steps": cell.steps,
+        "worker_momentum": cell.worker_momentum,
+        "server_lr": cell.server_lr,
+        "server_momentum": cell.server_momentum,
     }
 
 
@@ -187,6 +193,9 @@ def _train_config(cell: Cell) -> ConfigRecord:
             "epochs": cell.epochs,
             "lr": float(cell.lr),
             "batch-size": cell.batch_size,
+            "model": cell.model,
+            "local-steps": cell.steps,
+            "worker-momentum": float(cell.worker_momentum),
             "alie.byzantine-ids": ",".join(map(str, cell.byzantine_ids)),
             "alie.knowledge": cell.knowledge or "oracle",
             "alie.seed": cell.seed,
@@ -289,6 +298,8 @@ def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
     inner = make_strategy(
         cell.strategy, num_nodes=cell.clients, num_byzantine=cell.declared
     )
+    if (cell.server_lr, cell.server_momentum) != (1.0, 0.0):
+        inner = ServerMomentum(inner, lr=cell.server_lr, momentum=cell.server_momentum)
     alie = cell.alie_config()
     strategy = _Recorder(
         ALIEStrategy(
@@ -301,7 +312,13 @@ def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
         )
     )
     data = load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)
-    model = make_model(data.num_features, data.num_classes, seed=cell.seed)
+    model = make_model(
+        data.num_features,
+        data.num_classes,
+        seed=cell.seed,
+        kind=cell.model,
+        input_shape=data.input_shape,
+    )
     initial = ArrayRecord(model.state_dict())
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:

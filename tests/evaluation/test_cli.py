@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flwr_alie.evaluation.cli import build_parser, main
+from flwr_alie.evaluation.cli import build_parser, main, parse
 from flwr_alie.evaluation.results import read_rows
 from flwr_alie.evaluation.runtime import descendants
 
@@ -50,6 +50,15 @@ TIMING = {"cell_seconds", "alie.seconds", "train-seconds"}
         (["--alpha", "0"], r"argument --alpha: expected a finite number > 0, got '0'"),
         (["--last", "9", "--rounds", "5"], r"--last: expected at most --rounds \(5\)"),
         (["--seeds", "1", "1"], r"--seeds must be distinct"),
+        (["--model", "resnet"], r"argument --model: invalid choice: 'resnet'"),
+        (["--preset", "nope"], r"argument --preset: invalid choice: 'nope'"),
+        (["--local-steps", "-1"], r"--local-steps: expected an integer >= 0, got '-1'"),
+        (["--server-momentum", "1"], r"--server-momentum: .*\[0, 1\), got '1'"),
+        (["--server-lr", "0"], r"--server-lr: expected a finite number > 0, got '0'"),
+        (
+            ["--worker-momentum", "0.9"],
+            r"--worker-momentum: applies to --local-steps K > 0 \(FedSGD\), got 0.9",
+        ),
         (
             ["--clients", "4", "--fractions", "0.1"],
             (
@@ -81,6 +90,34 @@ def test_help_gives_every_flag_a_line_and_a_default():
                 assert "default" in action.help, action.dest
     assert text.count("results/<date-time>") == 1
     assert "  flwr-alie --strategies krum fedmedian --fractions 0.1 0.2" in text
+
+
+def test_the_paper_preset_is_the_grid_the_readme_describes():
+    from flwr_alie.evaluation.presets import PRESETS, describe
+
+    args, cells = parse(["--preset", "paper"])
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert describe("paper") in readme
+    rounds = sum(c.rounds for c in cells)
+    assert f"{len(cells)} cells ({rounds:,} cell-rounds)" in readme
+    options = PRESETS["paper"].options
+    assert {c.strategy for c in cells} == set(options["strategies"])
+    attacked = [c for c in cells if c.attacked]
+    assert {len(c.byzantine_ids) for c in attacked} == {12}
+    assert {c.z for c in attacked} == {1.5, "max"}
+    assert {c.knowledge for c in attacked} == {"byzantine-only", "oracle"}
+    assert len({c.seed for c in cells}) >= 3
+    for cell in cells:
+        assert (cell.clients, cell.steps, cell.epochs) == (51, 1, 0)
+        assert (cell.server_lr, cell.server_momentum, cell.lr) == (0.1, 0.9, 1.0)
+        assert (cell.dataset, cell.model) == ("mnist1d", "cnn")
+        assert not cell.problems(), cell.key  # Bulyan's n >= 4f + 3 holds: 51
+    # every attacked cell has its reference, and flags given win over the preset
+    keys = {c.key for c in cells}
+    assert all(c.reference().key in keys for c in attacked)
+    args, cells = parse(["--preset", "paper", "--rounds", "7", "--dataset", "ylecun/mnist"])
+    assert {(c.rounds, c.dataset) for c in cells} == {(7, "ylecun/mnist")}
+    assert args.last == 7  # the preset's --last 20 follows a shorter --rounds
 
 
 def _rows_of(cells: list[str], rounds: int) -> str:

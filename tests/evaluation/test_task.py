@@ -80,3 +80,248 @@ def test_mnist1d_is_generated_offline_deterministically_for_51_clients(monkeypat
     train(model, first.partitions[0], epochs=1, lr=0.1)
     _, accuracy = evaluate(model, first.test)
     assert 0.0 <= accuracy <= 1.0
+
+
+# ------------------------------------------------------------------ FedSGD steps
+
+
+def _tiny_partition(n=12, features=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    from flwr_alie.evaluation.task import Partition
+
+    return Partition(x, y)
+
+
+def test_minibatches_are_distinct_examples_drawn_per_step_from_the_seed():
+    from flwr_alie.evaluation.task import minibatches
+
+    batches = minibatches(10, 4, 3, seed=5)
+    assert len(batches) == 3
+    for batch in batches:
+        assert len(batch) == 4
+        assert len(set(batch.tolist())) == 4
+        assert int(batch.min()) >= 0
+        assert int(batch.max()) < 10
+    again = minibatches(10, 4, 3, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(batches, minibatches(10, 4, 3, seed=6), strict=True)
+    )
+    assert [len(b) for b in minibatches(3, 8, 2, seed=0)] == [3, 3]  # all of it
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_train_steps_takes_exactly_k_steps(steps):
+    from flwr_alie.evaluation.task import train_steps
+
+    data = _tiny_partition()
+    model = make_model(5, 3, seed=0)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    train_steps(model, data, steps=steps, lr=0.1, batch_size=4, seed=1)
+    assert len(calls) == steps
+
+
+def _reference_steps(weights, data, *, steps, lr, batch_size, seed, momentum, buffers):
+    """Float64 SGD with worker momentum, written out layer by layer."""
+    from flwr_alie.evaluation.task import minibatches
+
+    w = {k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in weights.items()}
+    m = {k: buffers.get(k, torch.zeros_like(v)).double().clone() for k, v in w.items()}
+    for idx in minibatches(len(data), batch_size, steps, seed):
+        params = {k: v.clone().requires_grad_(True) for k, v in w.items()}
+        hidden = torch.relu(
+            data.x[idx].double() @ params["0.weight"].T + params["0.bias"]
+        )
+        logits = hidden @ params["2.weight"].T + params["2.bias"]
+        loss = torch.nn.functional.cross_entropy(logits, data.y[idx])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for (k, _), g in zip(params.items(), grads, strict=True):
+            m[k] = momentum * m[k] + (1 - momentum) * g
+            w[k] = w[k] - lr * m[k]
+    return w, m
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_train_steps_matches_a_float64_reference_across_two_rounds(momentum):
+    from flwr_alie.evaluation.task import train_steps
+
+    data = _tiny_partition()
+    model = make_model(5, 3, seed=3)
+    weights = get_weights(model)
+    buffers_in: dict = {}
+    ref_w, ref_m = weights, {}
+    for round_seed in (11, 12):  # the buffers carry over from one round to the next
+        _, buffers = train_steps(
+            model, data, steps=2, lr=0.5, batch_size=5, seed=round_seed,
+            momentum=momentum, buffers=buffers_in or None,
+        )  # fmt: skip
+        ref_w, ref_m = _reference_steps(
+            ref_w, data, steps=2, lr=0.5, batch_size=5, seed=round_seed,
+            momentum=momentum, buffers=ref_m,
+        )  # fmt: skip
+        got = get_weights(model)
+        for k in got:
+            assert torch.allclose(torch.as_tensor(got[k]).double(), ref_w[k], atol=1e-6)
+            assert torch.allclose(buffers[k].double(), ref_m[k], atol=1e-6)
+        buffers_in = buffers
+    if momentum == 0.0:  # one plain step is w - lr * g exactly
+        model = make_model(5, 3, seed=3)
+        train_steps(model, data, steps=1, lr=1.0, batch_size=12, seed=0)
+        reference = make_model(5, 3, seed=3)
+        torch.nn.functional.cross_entropy(reference(data.x), data.y).backward()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert q.grad is not None
+            assert torch.allclose(p, q.detach() - q.grad, atol=1e-6)
+
+
+def test_train_steps_leaves_the_buffers_it_is_given_alone():
+    from flwr_alie.evaluation.task import train_steps
+
+    data = _tiny_partition()
+    model = make_model(5, 3, seed=0)
+    buffers = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in buffers.items()}
+    _, after = train_steps(
+        model, data, steps=1, lr=0.1, batch_size=4, momentum=0.5, buffers=buffers
+    )
+    assert all(torch.equal(buffers[k], before[k]) for k in buffers)
+    assert not torch.equal(after["0.weight"], before["0.weight"])
+
+
+# ----------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    ("shape", "params"), [((1, 40), 11050), ((1, 8, 8), 13706), ((3, 32, 32), 136874)]
+)
+def test_cnn_fits_1d_signals_and_images_and_depends_on_its_seed_only(shape, params):
+    import math
+
+    features = math.prod(shape)
+    torch.manual_seed(0)
+    first = make_model(features, 10, seed=4, kind="cnn", input_shape=shape)
+    torch.manual_seed(1)  # the global RNG must not matter
+    second = make_model(features, 10, seed=4, kind="cnn", input_shape=shape)
+    assert sum(p.numel() for p in first.parameters()) == params
+    assert first(torch.zeros(2, features)).shape == (2, 10)
+    a, b = get_weights(first), get_weights(second)
+    assert all((a[k] == b[k]).all() for k in a)
+    other = get_weights(make_model(features, 10, seed=5, kind="cnn", input_shape=shape))
+    assert not all((a[k] == other[k]).all() for k in a)
+    for value in a.values():  # weights uniform within +-1/sqrt(fan_in)
+        fan_in = value[0].size if value.ndim > 1 else None
+        if fan_in:
+            assert abs(value).max() <= fan_in**-0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "resnet"}, r"`kind` in \('mlp', 'cnn'\), got 'resnet'"),
+        ({"kind": "cnn", "input_shape": (1, 7)}, r"num_features=40 .*got \(1, 7\)"),
+        ({"kind": "cnn"}, r"got none \(the dataset gives no shape\)"),
+    ],
+)
+def test_bad_model_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_model(40, 10, **kwargs)
+
+
+def test_a_cnn_learns_mnist1d_faster_than_chance():
+    from flwr_alie.evaluation.task import train_steps
+
+    data = load_data("mnist1d", 51, "iid", 0.5, 0)
+    model = make_model(
+        data.num_features, data.num_classes, seed=0, kind="cnn",
+        input_shape=data.input_shape,
+    )  # fmt: skip
+    _, before = evaluate(model, data.test)
+    buffers = None
+    everything = torch.cat([p.x for p in data.partitions[:10]])
+    labels = torch.cat([p.y for p in data.partitions[:10]])
+    from flwr_alie.evaluation.task import Partition
+
+    pooled = Partition(everything, labels)
+    for step in range(150):
+        _, buffers = train_steps(
+            model, pooled, steps=1, lr=0.1, batch_size=256, seed=step,
+            momentum=0.9, buffers=buffers,
+        )  # fmt: skip
+    _, after = evaluate(model, data.test)
+    assert after > max(0.3, before + 0.15)
+
+
+# ---------------------------------------------- Hugging Face datasets, offline
+
+
+def _parquet_dataset(folder, column, shape, n_train, n_test):
+    """A dataset laid out as on the Hugging Face Hub, written here (no network)."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    (folder / "data").mkdir(parents=True)
+    pixels = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        arrays = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        features = Features({column: Image(), "label": ClassLabel(num_classes=10)})
+        images = [PILImage.fromarray(a) for a in arrays]
+        Dataset.from_dict(
+            {column: images, "label": labels}, features=features
+        ).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+        pixels[split] = (arrays, labels)
+    return pixels
+
+
+@pytest.mark.parametrize(
+    ("column", "shape", "expected"),
+    [("image", (28, 28), (1, 28, 28)), ("img", (32, 32, 3), (3, 32, 32))],
+    ids=["mnist-like", "cifar10-like"],
+)
+def test_hugging_face_images_load_through_flower_datasets_from_a_local_folder(
+    tmp_path, monkeypatch, column, shape, expected
+):
+    import datasets
+    import numpy as np
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("no download in tests")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(requests.Session, "request", no_network)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "hub-copy"
+    pixels = _parquet_dataset(folder, column, shape, n_train=40, n_test=12)
+    load_data.cache_clear()
+    data = load_data(str(folder), 4, "iid", 0.5, 0)
+    assert data.input_shape == expected
+    assert data.num_features == int(np.prod(shape))
+    assert sum(len(p) for p in data.partitions) == 40
+    # the dataset's own test split is the test set (Flower Datasets shuffles it),
+    # pixels scaled to [0, 1] and stored channels first
+    test_arrays, test_labels = pixels["test"]
+    expected_rows = sorted(
+        (a.tobytes(), y) for a, y in zip(test_arrays, test_labels, strict=True)
+    )
+    images = (data.test.x.numpy() * 255).round().astype(np.uint8)
+    images = images.reshape(len(images), *expected)
+    images = images[:, 0] if len(shape) == 2 else images.transpose(0, 2, 3, 1)
+    got_rows = sorted(
+        (a.tobytes(), int(y)) for a, y in zip(images, data.test.y, strict=True)
+    )
+    assert got_rows == expected_rows
+    assert float(data.test.x.max()) <= 1.0
+    for kind in ("mlp", "cnn"):
+        model = make_model(
+            data.num_features, data.num_classes, kind=kind, input_shape=data.input_shape
+        )
+        train(model, data.partitions[0], epochs=1, lr=0.1)
+        assert model(data.test.x).shape == (12, 10)
+    load_data.cache_clear()
