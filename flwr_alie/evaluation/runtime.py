@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
 __all__ = ["descendants", "flower_env", "flwr_run", "superlink"]
 
 BIN = Path(sys.executable).parent
@@ -176,7 +178,9 @@ def superlink(
             "--insecure",
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--database", ":flwr-in-memory-state:",
+            # Flower's in-memory state; any other name is an SQLite file in the
+            # working directory, shared by every SuperLink started there
+            "--database", FLWR_IN_MEMORY_DB_NAME,
             "--disable-runtime-dependency-installation",
         ]  # fmt: skip
         if simulation:

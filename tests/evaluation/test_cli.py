@@ -115,7 +115,9 @@ def test_the_paper_preset_is_the_grid_the_readme_describes():
     # every attacked cell has its reference, and flags given win over the preset
     keys = {c.key for c in cells}
     assert all(c.reference().key in keys for c in attacked)
-    args, cells = parse(["--preset", "paper", "--rounds", "7", "--dataset", "ylecun/mnist"])
+    args, cells = parse(
+        ["--preset", "paper", "--rounds", "7", "--dataset", "ylecun/mnist"]
+    )
     assert {(c.rounds, c.dataset) for c in cells} == {(7, "ylecun/mnist")}
     assert args.last == 7  # the preset's --last 20 follows a shorter --rounds
 
@@ -184,10 +186,15 @@ def _numbers(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
+    cwd = tmp_path_factory.mktemp("cwd")
     result = subprocess.run(
-        _command(out), capture_output=True, text=True, timeout=500, check=False
-    )
+        _command(out), capture_output=True, text=True, timeout=500, check=False,
+        cwd=cwd,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # nothing in the working directory: the SuperLink's state is in memory (a
+    # database file there would be shared by every run started from it)
+    assert list(cwd.iterdir()) == []
     return out, result.stdout
 
 
