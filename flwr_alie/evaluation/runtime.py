@@ -94,6 +94,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _die_with_parent() -> None:
+    """Run in a child before it starts: SIGTERM it when its parent dies (Linux).
+
+    A SIGKILL to ``flwr-alie`` runs none of its clean-up; with this, the kernel
+    still stops the SuperLink, SuperNodes and ``flwr run`` it started, and they stop
+    theirs (SuperExec, the simulation, Ray).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -168,6 +182,7 @@ def superlink(
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         processes.append(proc)
         return proc
@@ -234,6 +249,7 @@ def flwr_run(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     timer = threading.Timer(timeout, lambda: _stop([proc]))
     timer.start()

@@ -319,6 +319,38 @@ def test_interrupt_stops_everything_and_resume_gives_the_same_numbers(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigkill_leaves_nothing_running(tmp_path):
+    # SIGKILL runs no clean-up: the kernel tells what flwr-alie started (its
+    # parent-death signal), and those stop what they started
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    results = out / "results.jsonl"
+    children: set[int] = set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        children |= set(descendants(proc.pid))
+        if results.exists() and results.stat().st_size > 0:
+            break
+        time.sleep(0.5)
+    children |= set(descendants(proc.pid))
+    names = {p: _cmdline(p) for p in children}
+    assert any(b"flwr-simulation" in name for name in names.values())
+    proc.kill()
+    proc.wait()
+    flower = {p for p, name in names.items() if b"flwr" in name or b"flower" in name}
+    deadline = time.monotonic() + 180  # Ray's agents notice their raylet is gone
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        if time.monotonic() > deadline - 140:  # 40 s: Flower's processes are gone
+            assert not [p for p in flower if _alive(p)], [names[p] for p in flower]
+        time.sleep(1)
+    alive = [p for p in children if _alive(p)]
+    assert not alive, [names[p] for p in alive]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_report_rebuilds_table_and_plots_from_results_alone(full_run, tmp_path):
     full, _ = full_run
