@@ -127,7 +127,12 @@ def _discover_groups(grid: Grid, n: int) -> list[list[int]]:
         node_ids = list(grid.get_node_ids())
     poller = _GroupGrid(grid, node_ids)
     queries = [
-        grid.create_message(RecordDict(), MessageType.QUERY, node_id, "discover")
+        Message(
+            RecordDict(),
+            dst_node_id=node_id,
+            message_type=MessageType.QUERY,
+            group_id="discover",
+        )
         for node_id in node_ids
     ]
     index: dict[int, int] = {}

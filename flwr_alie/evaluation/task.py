@@ -163,6 +163,7 @@ class _Arrays:
     test: tuple[NDArray[np.float32], NDArray[np.int64]] | None = None
 
 
+@functools.lru_cache(maxsize=1)  # the same arrays serve every seed and split
 def _load_arrays(dataset: str) -> _Arrays:
     if dataset == DIGITS:
         from sklearn.datasets import load_digits
