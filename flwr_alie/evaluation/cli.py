@@ -573,6 +573,7 @@ def _printer(verbose: bool) -> Callable[[str], None]:
 def _report(out: Path, last: int) -> int:
     """Write table.md and the plots of `out` from its results.jsonl; print the table."""
     from flwr_alie.evaluation.results import (
+        attack_contrasts,
         paired_table,
         plot_accuracy,
         plot_effect,
@@ -585,6 +586,12 @@ def _report(out: Path, last: int) -> int:
         print(f"flwr-alie: no results in {path}; rerun with --verbose", file=sys.stderr)
         return 1
     table = paired_table(rows, last=last)
+    contrasts = attack_contrasts(rows, last=last)
+    if contrasts:
+        table += (
+            "\n\nAttacks compared (attacked minus attacked, paired by seed; "
+            "negative: the first hurts more):\n\n" + contrasts
+        )
     (out / TABLE).write_text(table + "\n")
     plot_accuracy(rows, out / ACCURACY_PLOT, last=last)
     plot_effect(rows, out / EFFECT_PLOT, last=last)

@@ -8,7 +8,9 @@ the same seed (:mod:`flwr_alie.evaluation.stats`).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -236,6 +238,49 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
         lines.append("")
         lines.extend(checks)
     return "\n".join(lines)
+
+
+def attack_contrasts(rows: Sequence[Row], *, last: int) -> str:
+    """Return a table comparing attacks that differ in one option, paired by seed.
+
+    Per strategy, split and ``f``, for two attacked cells alike but for one option:
+    ``byzantine-only`` minus ``oracle`` (is the paper's threat model as strong as
+    the oracle?) and one ``z`` minus another (``max``, the round's ``z_max``, minus a
+    number; a larger number minus a smaller). Negative: the first attack hurts
+    more. Empty when the run has no such pair.
+    """
+    summary = Summary(rows, last)
+    keys, columns = summary.rows_and_columns()
+    clients = {row["clients"] for row in rows}
+    n = f"/{next(iter(clients))}" if len(clients) == 1 else ""
+    lines: list[str] = []
+    for key in keys:
+        strategy, split, f = key
+        found = {c: summary.find(key, c) for c in columns}
+        settings = {
+            c: s for c, s in found.items() if s is not None and s not in summary.failed
+        }
+        for a, b in itertools.permutations(settings, 2):
+            ra, rb = summary.info[settings[a]], summary.info[settings[b]]
+            differ = [k for k in ("z", "direction", "knowledge") if ra[k] != rb[k]]
+            if differ == ["knowledge"] and ra["knowledge"] == "byzantine-only":
+                label = f"byzantine-only - oracle (z={ra['z']})"
+            elif differ == ["z"] and _z_rank(ra["z"]) > _z_rank(rb["z"]):
+                label = f"z={ra['z']} - z={rb['z']} ({ra['knowledge']})"
+            else:
+                continue
+            difference = summary.difference(settings[a], settings[b])
+            lines.append(
+                f"| {strategy} | {split} | {f}{n} | {label} | {_diff(difference)} |"
+            )
+    if not lines:
+        return ""
+    header = "| strategy | split | f | attack minus attack | paired difference |"
+    return "\n".join([header, "|---|---|---|---|---|", *lines])
+
+
+def _z_rank(z: object) -> float:
+    return math.inf if z == "max" else float(z)  # type: ignore[arg-type]
 
 
 def plateau_checks(summary: Summary) -> list[str]:

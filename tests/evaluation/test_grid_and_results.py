@@ -252,3 +252,38 @@ def test_a_line_cut_short_is_skipped(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"cell": "a", "round": 1}\n{"cell": "b", "rou')
     assert read_rows(path) == [{"cell": "a", "round": 1}]
+
+
+def test_attacks_that_differ_in_one_option_are_compared_by_seed():
+    from flwr_alie.evaluation.results import attack_contrasts
+
+    cells = build_grid(
+        strategies=["fedmedian"], zs=[1.5, "max"],
+        knowledge=["oracle", "byzantine-only"], rounds=1, seeds=[0, 1, 2],
+    )  # fmt: skip
+    final = {  # last-round accuracy of each attack, plus the seed / 100
+        (1.5, "oracle"): 0.50, (1.5, "byzantine-only"): 0.60,
+        ("max", "oracle"): 0.70, ("max", "byzantine-only"): 0.75,
+    }  # fmt: skip
+    rows: list[dict] = []
+    for cell in cells:
+        top = final.get((cell.z, cell.knowledge), 0.9) + cell.seed / 100
+        if cell.attacked and cell.knowledge == "byzantine-only" and cell.z == 1.5:
+            top += (cell.seed - 1) / 50  # a spread across seeds: an interval
+        rows += _rows(cell, [0.1, top])
+    table = attack_contrasts(rows, last=1)
+    lines = {line.split("|")[4].strip(): line for line in table.splitlines()[2:]}
+    assert set(lines) == {
+        "byzantine-only - oracle (z=1.5)",
+        "byzantine-only - oracle (z=max)",
+        "z=max - z=1.5 (oracle)",
+        "z=max - z=1.5 (byzantine-only)",
+    }
+    spread = mean_interval([0.1 - 0.02, 0.1, 0.1 + 0.02])
+    assert lines["byzantine-only - oracle (z=1.5)"].split("|")[5].strip() == (
+        f"{spread.mean:+.3f} [{spread.low:+.3f}, {spread.high:+.3f}] *"
+    )
+    assert "| fedmedian | iid | 4/20 |" in lines["z=max - z=1.5 (oracle)"]
+    assert "+0.200" in lines["z=max - z=1.5 (oracle)"]
+    assert "+0.050" in lines["byzantine-only - oracle (z=max)"]
+    assert attack_contrasts(_grid_rows()[0], last=1) == ""  # one attack: nothing
