@@ -320,6 +320,46 @@ def test_interrupt_stops_everything_and_resume_gives_the_same_numbers(
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_the_paper_preset_runs_on_a_hugging_face_dataset_with_a_cnn(tmp_path):
+    # an MNIST-like dataset laid out as on the Hub, written here: the same
+    # FederatedDataset path as --dataset ylecun/mnist, without a network
+    from tests.evaluation.test_task import _parquet_dataset
+
+    folder = tmp_path / "mnist-like"
+    _parquet_dataset(folder, "image", (28, 28), n_train=120, n_test=30)
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=str(tmp_path / "hf-cache"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    argv = [
+        sys.executable, "-m", "flwr_alie.evaluation.cli", "--preset", "paper",
+        "--dataset", str(folder), "--clients", "6", "--strategies", "fedavg", "krum",
+        "--seeds", "0", "1", "--rounds", "2", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [r for r in read_rows(out / "results.jsonl") if r["status"] == "ok"]
+    assert {(r["model"], r["steps"], r["server_momentum"]) for r in rows} == {
+        ("cnn", 1, 0.9)
+    }
+    trained = [r for r in rows if r["round"]]
+    assert trained
+    assert all(r["local-steps"] == pytest.approx(1.0) for r in trained)  # a mean
+    # the preset's four attacks on each strategy, each beside its reference (some
+    # are invalid at n = 6: z_max needs more clients)
+    attacks = {r["attack"] for r in read_rows(out / "results.jsonl")}
+    assert attacks == {
+        "clean", "z=1.5", "z=max", "z=1.5 byzantine-only", "z=max byzantine-only"
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_sigkill_leaves_nothing_running(tmp_path):
     # SIGKILL runs no clean-up: the kernel tells what flwr-alie started (its
     # parent-death signal), and those stop what they started
