@@ -217,13 +217,12 @@ def _hf_arrays(dataset: str) -> _Arrays:
         return flat, labels, tuple(int(v) for v in images.shape[1:])
 
     x, y, shape = arrays(train)
-    test = None
     try:
-        x_test, y_test, _ = arrays(fds.load_split("test"))
-        test = (x_test, y_test)
+        test_split = fds.load_split("test")
     except ValueError:  # no test split: load_data draws one from the seed
-        pass
-    return _Arrays(x, y, shape, test)
+        return _Arrays(x, y, shape)
+    x_test, y_test, _ = arrays(test_split)
+    return _Arrays(x, y, shape, (x_test, y_test))
 
 
 def _mnist1d_arrays() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
