@@ -70,21 +70,23 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive(value: str) -> float:
+def _as_float(value: str) -> float:
+    """`value` as a float; NaN (which every range check rejects) if it is none."""
     try:
-        number = float(value)
+        return float(value)
     except ValueError:
-        number = math.nan
+        return math.nan
+
+
+def _positive(value: str) -> float:
+    number = _as_float(value)
     if not (math.isfinite(number) and number > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
     return number
 
 
 def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = _as_float(value)
     if not 0 < number < 0.5:
         raise argparse.ArgumentTypeError(
             f"expected a Byzantine fraction in (0, 0.5), got {value!r} (the clean "
@@ -94,10 +96,7 @@ def _fraction(value: str) -> float:
 
 
 def _momentum(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = _as_float(value)
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(
             f"expected a momentum in [0, 1), got {value!r}"

@@ -132,7 +132,9 @@ def _train(msg: Message, context: Context) -> Message:
     batch_seed = minibatch_seed(seed, int(_get(config, "server-round")), partition_id)
     steps = int(_get(config, "local-steps"))
     if steps:
-        loss = _fedsgd(model, partition, config, context, lr, batch_size, batch_seed)
+        loss = _fedsgd(
+            model, partition, config, context, steps, lr, batch_size, batch_seed
+        )
     else:
         loss = train(
             model,
@@ -159,6 +161,7 @@ def _fedsgd(
     partition: Partition,
     config: ConfigRecord,
     context: Context,
+    steps: int,
     lr: float,
     batch_size: int,
     seed: int,
@@ -176,7 +179,7 @@ def _fedsgd(
     loss, buffers = train_steps(
         model,
         partition,
-        steps=int(_get(config, "local-steps")),
+        steps=steps,
         lr=lr,
         batch_size=batch_size,
         seed=seed,

@@ -18,9 +18,8 @@ __all__ = ["PRESETS", "Preset", "describe"]
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named set of option values, keyed by the flags' destinations."""
+    """A set of option values, keyed by the flags' destinations (named in PRESETS)."""
 
-    name: str
     summary: str
     options: Mapping[str, object]
 
@@ -43,7 +42,6 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
-        name="paper",
         summary=(
             "the ALIE paper's regime: FedSGD (one local step), server momentum "
             "0.9 and lr 0.1, n = 51, f = 12, z in {1.5, max}, Byzantine-only and "

@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +192,7 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
     """
     summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
-    clients = {row["clients"] for row in rows}
-    n = next(iter(clients)) if len(clients) == 1 else None
+    f_label = _f_labeller(rows)
     header = ["strategy", "split", "f", "clean", "cost vs FedAvg"]
     for column in columns:
         header += [column, f"effect of {column}"]
@@ -216,7 +215,7 @@ def paired_table(rows: Sequence[Row], *, last: int) -> str:
         cells = [
             strategy,
             split,
-            f"{f}/{n}" if n is not None else str(f),
+            f_label(f),
             mark(clean, f) or _acc(summary.accuracy(clean)),
             _diff(summary.difference(clean, summary.fedavg(split)))
             if strategy != "fedavg"
@@ -251,8 +250,7 @@ def attack_contrasts(rows: Sequence[Row], *, last: int) -> str:
     """
     summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
-    clients = {row["clients"] for row in rows}
-    n = f"/{next(iter(clients))}" if len(clients) == 1 else ""
+    f_label = _f_labeller(rows)
     lines: list[str] = []
     for key in keys:
         strategy, split, f = key
@@ -271,12 +269,20 @@ def attack_contrasts(rows: Sequence[Row], *, last: int) -> str:
                 continue
             difference = summary.difference(settings[a], settings[b])
             lines.append(
-                f"| {strategy} | {split} | {f}{n} | {label} | {_diff(difference)} |"
+                f"| {strategy} | {split} | {f_label(f)} | {label} | "
+                f"{_diff(difference)} |"
             )
     if not lines:
         return ""
     header = "| strategy | split | f | attack minus attack | paired difference |"
     return "\n".join([header, "|---|---|---|---|---|", *lines])
+
+
+def _f_labeller(rows: Sequence[Row]) -> Callable[[int], str]:
+    """Return what writes ``f`` as ``f/n`` when every row has the same ``n``."""
+    clients = {row["clients"] for row in rows}
+    n = next(iter(clients)) if len(clients) == 1 else None
+    return lambda f: str(f) if n is None else f"{f}/{n}"
 
 
 def _z_rank(z: object) -> float:
