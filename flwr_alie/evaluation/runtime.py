@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 
-__all__ = ["descendants", "flower_env", "flwr_run", "superlink"]
+__all__ = ["alive", "descendants", "flower_env", "flwr_run", "superlink"]
 
 BIN = Path(sys.executable).parent
 
@@ -108,7 +108,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -137,7 +138,7 @@ def _stop(processes: Sequence[subprocess.Popen[bytes] | subprocess.Popen[str]]) 
     for proc in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     for group in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -12,7 +12,7 @@ import pytest
 
 from flwr_alie.evaluation.cli import build_parser, main, parse
 from flwr_alie.evaluation.results import read_rows
-from flwr_alie.evaluation.runtime import descendants
+from flwr_alie.evaluation.runtime import alive, descendants
 
 # 3 strategies x 2 fractions x 2 z, 10 clients, 2 rounds, 2 seeds. Bulyan's
 # n >= 4f + 3 makes some cells invalid, and so does z = max with f = 1 of n = 10.
@@ -300,8 +300,8 @@ def test_interrupt_stops_everything_and_resume_gives_the_same_numbers(
     assert "flwr-alie: interrupted;" in stderr
     assert "--resume" in stderr
     time.sleep(1)
-    alive = [p for p in children if _alive(p)]
-    assert not alive, [_cmdline(p) for p in alive]
+    survivors = [p for p in children if alive(p)]
+    assert not survivors, [_cmdline(p) for p in survivors]
     # a rerun into the same folder is refused without --resume
     again = subprocess.run(_command(out), capture_output=True, text=True, check=False)
     assert again.returncode == 2
@@ -382,12 +382,12 @@ def test_sigkill_leaves_nothing_running(tmp_path):
     proc.wait()
     flower = {p for p, name in names.items() if b"flwr" in name or b"flower" in name}
     deadline = time.monotonic() + 180  # Ray's agents notice their raylet is gone
-    while time.monotonic() < deadline and any(_alive(p) for p in children):
+    while time.monotonic() < deadline and any(alive(p) for p in children):
         if time.monotonic() > deadline - 140:  # 40 s: Flower's processes are gone
-            assert not [p for p in flower if _alive(p)], [names[p] for p in flower]
+            assert not [p for p in flower if alive(p)], [names[p] for p in flower]
         time.sleep(1)
-    alive = [p for p in children if _alive(p)]
-    assert not alive, [names[p] for p in alive]
+    survivors = [p for p in children if alive(p)]
+    assert not survivors, [names[p] for p in survivors]
 
 
 @pytest.mark.slow
@@ -410,14 +410,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_sigterm_is_an_orderly_stop_with_status_143(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flwr_alie.evaluation.results import read_rows
-from flwr_alie.evaluation.runtime import descendants
+from flwr_alie.evaluation.runtime import alive, descendants
 
 HELPER = Path(__file__).resolve().parents[1] / "apps" / "ray" / "two_node_cluster.py"
 ARGS = [
@@ -59,15 +59,6 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_two_node_ray_cluster_runs_the_grid_on_both_nodes_with_local_numbers(
@@ -101,7 +92,7 @@ def test_a_two_node_ray_cluster_runs_the_grid_on_both_nodes_with_local_numbers(
         helper.stdin.close()
         helper.wait(timeout=120)
     assert ray_processes
-    assert not [pid for pid in ray_processes if _alive(pid)]  # both nodes stopped
+    assert not [pid for pid in ray_processes if alive(pid)]  # both nodes stopped
 
     _run(tmp_path / "local", env)
     cluster, local = _rows(tmp_path / "cluster"), _rows(tmp_path / "local")
