@@ -24,10 +24,11 @@ def reply_weight(message: Message, key: str) -> float:
     The last MetricRecord that holds a number under `key` counts; 0 if none does.
     """
     weight = 0.0
-    for record in message.content.metric_records.values():
-        value = record.get(key)
-        if isinstance(value, int | float):
-            weight = float(value)
+    for record in message.content.values():  # not .metric_records: it copies
+        if isinstance(record, MetricRecord):
+            value = record.get(key)
+            if isinstance(value, int | float):
+                weight = float(value)
     return weight
 
 

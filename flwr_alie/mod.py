@@ -11,7 +11,6 @@ Byzantine.
 from __future__ import annotations
 
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -32,6 +31,7 @@ from flwr_alie.config import (
     TAG_SKIPPED_TRAINING,
     ALIEConfig,
 )
+from flwr_alie.params import record_from_layers
 
 __all__ = ["alie_mod", "make_alie_mod"]
 
@@ -92,7 +92,7 @@ def make_alie_mod(config: ALIEConfig | None = None) -> Mod:
             key, record = arrays[0]
             content = RecordDict(
                 {
-                    key: ArrayRecord(dict(record.items())),
+                    key: record_from_layers({}, base=record),
                     "metrics": MetricRecord({"num-examples": SKIPPED_WEIGHT}),
                     TAG_RECORD_KEY: tag,
                 }

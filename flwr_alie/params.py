@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -28,15 +29,18 @@ from torch import Tensor
 __all__ = [
     "Layers",
     "PackSpec",
+    "array_from_numpy",
     "arrays_from_layers",
     "layers_from_parameters",
     "layers_from_record",
     "layers_from_reply",
+    "npy_view",
     "pack",
     "pack_aggregate",
     "parameters_from_layers",
     "record_from_layers",
     "tensors_from_layers",
+    "torch_views_of_record",
     "unpack",
 ]
 
@@ -104,9 +108,7 @@ class PackSpec:
                     f"{who}: array {key!r} has shape {tuple(array.shape)}, the "
                     f"global model's has shape {shape}"
                 )
-            if np.issubdtype(dtype, np.floating) != np.issubdtype(
-                array.dtype, np.floating
-            ):
+            if (dtype.kind == "f") != (array.dtype.kind == "f"):
                 raise ValueError(
                     f"{who}: array {key!r} has dtype {array.dtype}, the global "
                     f"model's has dtype {dtype}"
@@ -257,11 +259,24 @@ def pack_aggregate(
 
 def _tensor(array: NDArray[np.generic]) -> torch.Tensor:
     """Share the memory of `array`, read-only views included (never written to)."""
+    _readonly_warning_given()
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@functools.cache
+def _readonly_warning_given() -> None:
+    """Have torch give its one warning on read-only arrays now, silenced.
+
+    ``torch.from_numpy`` warns once per process that a read-only array makes a
+    tensor that must not be written to, which these views never are; after this,
+    it never warns again (and no per-call ``warnings.catch_warnings``, which is
+    not thread-safe, is needed).
+    """
+    readonly = np.zeros(1, np.float32)
+    readonly.flags.writeable = False
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="The given NumPy array is not writable"
-        )
-        return torch.from_numpy(np.ascontiguousarray(array))
+        warnings.filterwarnings("ignore", message="The given NumPy array is not")
+        torch.from_numpy(readonly)
 
 
 def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
@@ -272,9 +287,48 @@ def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     """
     layers = {}
     for key, array in record.items():
-        view = _npy_view(array.data)
+        view = npy_view(array.data)
         layers[key] = array.numpy() if view is None else view
     return layers
+
+
+def torch_views_of_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Read an ``ArrayRecord`` as torch tensors that share the record's bytes.
+
+    No copy (unlike ``ArrayRecord.to_torch_state_dict``): the tensors are views of
+    read-only memory and must not be written to; ``load_state_dict`` and
+    ``torch.stack`` copy out of them.
+    """
+    return {key: _tensor(array) for key, array in layers_from_record(record).items()}
+
+
+def array_from_numpy(value: NDArray[np.generic]) -> Array:
+    """Return ``Array(value)`` with the ``.npy`` header of each layout made once.
+
+    The same ``Array`` (the same bytes) as Flower's ``Array(ndarray)``, which runs
+    ``np.save`` and formats the header afresh for every array: most of the cost for
+    the small arrays of a model's layers. Object arrays go through Flower's own
+    constructor (which refuses them).
+    """
+    array = np.asarray(value)
+    if array.dtype.hasobject:
+        return Array(array)
+    fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+    header, dtype, shape = _npy_header(array.dtype, fortran, array.shape)
+    data = header + array.tobytes(order="F" if fortran else "C")
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(
+    dtype: np.dtype[np.generic], fortran: bool, shape: tuple[int, ...]
+) -> tuple[bytes, str, tuple[int, ...]]:
+    """Return what ``np.save`` writes before an array's data, and its Array fields."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        stream, {"descr": dtype.str, "fortran_order": fortran, "shape": shape}
+    )
+    return stream.getvalue(), str(dtype), tuple(int(n) for n in shape)
 
 
 def record_from_layers(
@@ -285,27 +339,28 @@ def record_from_layers(
     """Build a new ``ArrayRecord`` from layers, keeping their names and order.
 
     With `base`, the record has the keys of `base`, in its order: a key in `layers`
-    takes that value, any other keeps the ``Array`` of `base` (its bytes shared,
-    not copied). A value may be an ``Array`` already (serialized once, shared by
-    several records). `base` is never modified.
+    takes that value, any other keeps the ``Array`` of `base`. A value may be an
+    ``Array`` already (serialized once, shared by several records). ``Array``
+    objects are shared, not copied (Flower's ``ArrayRecord(dict)`` copies each one;
+    an ``Array`` is never changed in place). `base` is never modified.
     """
 
     def as_array(value: NDArray[np.generic] | Array) -> Array:
-        return value if isinstance(value, Array) else Array(np.asarray(value))
+        return value if isinstance(value, Array) else array_from_numpy(value)
 
+    record = ArrayRecord()
     if base is None:
-        return ArrayRecord({key: as_array(value) for key, value in layers.items()})
-    return ArrayRecord(
-        {
-            key: as_array(layers[key]) if key in layers else array
-            for key, array in base.items()
-        }
-    )
+        for key, value in layers.items():
+            record[key] = as_array(value)
+        return record
+    for key, array in base.items():
+        record[key] = as_array(layers[key]) if key in layers else array
+    return record
 
 
 def arrays_from_layers(layers: Layers) -> dict[str, Array]:
     """Serialize layers once, for :func:`record_from_layers` to share."""
-    return {key: Array(np.asarray(value)) for key, value in layers.items()}
+    return {key: array_from_numpy(value) for key, value in layers.items()}
 
 
 def layers_from_reply(message: Message, name: str) -> dict[str, NDArray[np.generic]]:
@@ -326,14 +381,18 @@ def layers_from_parameters(parameters: Parameters) -> dict[str, NDArray[np.gener
 
     Read-only views of the tensors' ``.npy`` bytes where possible.
     """
-    views = [_npy_view(t) for t in parameters.tensors]
+    views = [npy_view(t) for t in parameters.tensors]
     if parameters.tensor_type == "numpy.ndarray" and all(v is not None for v in views):
         return {str(i): v for i, v in enumerate(views) if v is not None}
     return {str(i): a for i, a in enumerate(parameters_to_ndarrays(parameters))}
 
 
-def _npy_view(data: bytes) -> NDArray[np.generic] | None:
-    """Return a read-only view of ``.npy`` bytes, or ``None`` if not plain ``.npy``."""
+def npy_view(data: bytes) -> NDArray[np.generic] | None:
+    """Return a read-only view of ``.npy`` bytes, or ``None`` if not plain ``.npy``.
+
+    The header of each layout is parsed once (cached): what ``np.load`` spends most
+    of its time on for a small array.
+    """
     if data[:6] != b"\x93NUMPY" or data[6:8] not in (b"\x01\x00", b"\x02\x00"):
         return None
     size_bytes = 2 if data[6] == 1 else 4
@@ -342,8 +401,7 @@ def _npy_view(data: bytes) -> NDArray[np.generic] | None:
     parsed = _parse_header(data[: start + header_len])
     if parsed is None:
         return None
-    shape, fortran, dtype = parsed
-    count = int(np.prod(shape, dtype=np.int64))
+    shape, fortran, dtype, count = parsed
     view = np.frombuffer(data, dtype=dtype, count=count, offset=start + header_len)
     return view.reshape(shape, order="F" if fortran else "C")
 
@@ -351,8 +409,11 @@ def _npy_view(data: bytes) -> NDArray[np.generic] | None:
 @functools.lru_cache(maxsize=4096)
 def _parse_header(
     header: bytes,
-) -> tuple[tuple[int, ...], bool, np.dtype[np.generic]] | None:
-    """Parse a ``.npy`` header once: the arrays of one layer all share it."""
+) -> tuple[tuple[int, ...], bool, np.dtype[np.generic], int] | None:
+    """Parse a ``.npy`` header once: the arrays of one layer all share it.
+
+    Returns the shape, the Fortran order, the dtype and the element count.
+    """
     stream = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(stream)
@@ -366,7 +427,7 @@ def _parse_header(
         return None
     if dtype.hasobject:
         return None
-    return tuple(shape), bool(fortran), dtype
+    return tuple(shape), bool(fortran), dtype, math.prod(shape)
 
 
 def parameters_from_layers(
