@@ -12,8 +12,11 @@ it has one, is the test set.
 
 Two local regimes: FedAvg-style local epochs (:func:`train`), and FedSGD-style local
 steps (:func:`train_steps`: ``K`` SGD steps on minibatches, optionally with worker
-momentum, as in the ALIE paper's distributed SGD with ``K = 1``). Two model families:
-an MLP and a small CNN (1-D for MNIST-1D, 2-D for images).
+momentum, as in the ALIE paper's distributed SGD with ``K = 1``). The FedSGD steps
+of many clients can also run in one vectorised pass (:func:`run_steps_vectorised`:
+each layer once for all clients, over their stacked parameters), checked against
+the loop (:func:`run_steps`). Two model families: an MLP and a small CNN (1-D for
+MNIST-1D, 2-D for images).
 
 Everything is deterministic given the seed: the split, the partitions, the model
 initialisation and the order of local minibatches (a ``torch.Generator`` per round
@@ -24,10 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from numpy.typing import NDArray
 from torch import nn
 
@@ -36,13 +46,21 @@ __all__ = [
     "MNIST1D",
     "MODELS",
     "Partition",
+    "StepsJob",
+    "StepsResult",
     "TaskData",
+    "cache_dir",
+    "clear_data_cache",
     "evaluate",
     "get_weights",
+    "grouped_logits",
     "input_shape_text",
     "load_data",
     "make_model",
     "minibatches",
+    "prepare",
+    "run_steps",
+    "run_steps_vectorised",
     "train",
     "train_steps",
 ]
@@ -79,7 +97,9 @@ class TaskData:
     """(channels, length) or (channels, height, width); features are stored flat."""
 
 
-@functools.lru_cache(maxsize=8)
+_load_lock = threading.Lock()
+
+
 def load_data(
     dataset: str = DIGITS,
     num_partitions: int = 20,
@@ -108,11 +128,28 @@ def load_data(
     Returns
     -------
     TaskData
-        Cached per process, so that the clients of a simulation share one load.
+        Cached per process (and loaded once even when several threads ask at
+        once), so that the clients of a simulation share one load.
     """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    with _load_lock:
+        return _load_data(dataset, num_partitions, split, alpha, seed)
 
+
+def clear_data_cache() -> None:
+    """Forget every data set loaded so far (the next load reads it afresh)."""
+    with _load_lock:
+        _load_data.cache_clear()
+        _load_arrays.cache_clear()
+
+
+@functools.lru_cache(maxsize=32)
+def _load_data(
+    dataset: str = DIGITS,
+    num_partitions: int = 20,
+    split: Split = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> TaskData:
     arrays = _load_arrays(dataset)
     x, y = arrays.x, arrays.y
     if arrays.test is None:  # a 20% test split, drawn from the seed
@@ -124,28 +161,11 @@ def load_data(
         x, y = x[train_idx], y[train_idx]
     else:
         test = _as_partition(*arrays.test)
-    train = Dataset.from_dict({"x": x, "label": y})
-    partitioner: IidPartitioner | DirichletPartitioner
-    if split == "iid":
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-    elif split == "dirichlet":
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            seed=seed,
-            min_partition_size=2,
-            self_balancing=True,
-        )
-    else:
+    if split not in ("iid", "dirichlet"):
         raise ValueError(f"Expected `split` in ('iid', 'dirichlet'), got {split!r}")
-    partitioner.dataset = train
-    partitions = []
-    for pid in range(num_partitions):
-        part = partitioner.load_partition(pid).with_format("numpy")
-        partitions.append(
-            _as_partition(np.asarray(part["x"]), np.asarray(part["label"]))
-        )
+    cached = dataset in (DIGITS, MNIST1D)  # fixed by the installed packages
+    rows = _partition_rows(y, num_partitions, split, alpha, seed, cache=cached)
+    partitions = [_as_partition(x[r], y[r]) for r in rows]
     return TaskData(
         partitions=tuple(partitions),
         test=test,
@@ -232,10 +252,23 @@ def _mnist1d_arrays() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     the package's default arguments (seed 42) with 10,000 samples; its own
     train/test split is merged, since :func:`load_data` splits by the run's seed.
     ``make_dataset`` seeds Python's and NumPy's global generators: their states are
-    restored afterwards.
+    restored afterwards. Generating takes seconds, so the arrays are kept in
+    :func:`cache_dir` (one file per ``mnist1d`` version and arguments) and read
+    from there by every later process.
     """
+    import hashlib
+    import importlib.metadata
     import random
 
+    # the package's version fixes its default arguments: no import to read them
+    version = importlib.metadata.version("mnist1d")
+    digest = hashlib.sha256(f"{version}/{_MNIST1D_SAMPLES}".encode())
+    path = cache_dir() / f"mnist1d-{digest.hexdigest()[:16]}.npz"
+    try:
+        with np.load(path) as cached:
+            return cached["x"], cached["y"]
+    except (OSError, KeyError, ValueError):
+        pass  # not there yet, or unreadable: generate it
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -248,7 +281,106 @@ def _mnist1d_arrays() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         np.random.set_state(states[1])
     x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
     y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    _write_atomically(path, x=x, y=y)
     return x, y
+
+
+def _partition_rows(
+    labels: NDArray[np.int64],
+    num_partitions: int,
+    split: Split,
+    alpha: float,
+    seed: int,
+    *,
+    cache: bool,
+) -> list[NDArray[np.int64]]:
+    """Each partition's rows of the training split, from Flower Datasets.
+
+    ``IidPartitioner``, or ``DirichletPartitioner`` over the labels. With `cache`,
+    the rows are kept in :func:`cache_dir`, keyed by the labels, the options and
+    the version of Flower Datasets, so that the processes of a run (and later
+    runs) read them instead of each importing Datasets and partitioning again.
+    """
+    import hashlib
+    import importlib.metadata
+
+    key = hashlib.sha256(labels.tobytes())
+    version = importlib.metadata.version("flwr-datasets")
+    options = (num_partitions, split, alpha if split == "dirichlet" else 0.0, seed)
+    key.update(f"{version}/{options}".encode())
+    path = cache_dir() / f"partitions-{key.hexdigest()[:16]}.npz"
+    if cache:
+        try:
+            with np.load(path) as stored:
+                return list(np.split(stored["rows"], stored["offsets"][1:-1]))
+        except (OSError, KeyError, ValueError):
+            pass  # not there yet, or unreadable: partition
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    # the partitioners see the labels and each example's row: reading the features
+    # of a partition through Datasets' row formatter costs seconds per seed
+    train = Dataset.from_dict({"row": np.arange(len(labels)), "label": labels})
+    partitioner: IidPartitioner | DirichletPartitioner
+    if split == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            seed=seed,
+            min_partition_size=2,
+            self_balancing=True,
+        )
+    partitioner.dataset = train
+    rows = [
+        np.asarray(partitioner.load_partition(p).with_format("numpy")["row"])
+        for p in range(num_partitions)
+    ]
+    if cache:
+        offsets = np.cumsum([0, *(len(r) for r in rows)])
+        _write_atomically(path, rows=np.concatenate(rows), offsets=offsets)
+    return rows
+
+
+def prepare(loads: Iterable[tuple[str, int, Split, float, int]]) -> None:
+    """Make these loads quick in every process of a run that starts next.
+
+    Each is :func:`load_data`'s arguments. For the offline data sets, the arrays
+    (MNIST-1D is generated) and the partitions are written to :func:`cache_dir`
+    once, here, instead of in each of the run's processes (seconds each: Flower
+    Datasets' import and partitioning, MNIST-1D's generation); the online ones are
+    loaded where they are used.
+    """
+    for dataset, num_partitions, split, alpha, seed in set(loads):
+        if dataset in (DIGITS, MNIST1D):
+            load_data(dataset, num_partitions, split, alpha, seed)
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are kept: ``$FLWR_ALIE_CACHE``, else a user cache.
+
+    ``$XDG_CACHE_HOME/flwr-alie`` (default ``~/.cache/flwr-alie``).
+    """
+    override = os.environ.get("FLWR_ALIE_CACHE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flwr-alie"
+
+
+def _write_atomically(path: Path, **arrays: NDArray[Any]) -> None:
+    """Write the arrays to `path` whole or not at all (processes race to it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, suffix=".npz", delete=False
+        ) as out:
+            np.savez(out, allow_pickle=False, **arrays)
+        os.replace(out.name, path)
+    except OSError:  # a read-only home: generate again next time
+        return
 
 
 def _as_partition(x: NDArray[np.float32], y: NDArray[np.int64]) -> Partition:
@@ -439,11 +571,238 @@ def train_steps(
     return total / max(steps, 1), state
 
 
+@dataclasses.dataclass(frozen=True)
+class StepsJob:
+    """One client's local FedSGD steps: the arguments of :func:`train_steps`.
+
+    `weights` is the model's state to start from (the round's global model);
+    `buffers` the client's worker-momentum buffers (``None``: zeros).
+    """
+
+    weights: dict[str, torch.Tensor]
+    data: Partition
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    momentum: float = 0.0
+    buffers: dict[str, torch.Tensor] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsResult:
+    """The outcome of a :class:`StepsJob`.
+
+    `seconds` is the job's share of the pass that ran it (a vectorised pass's time
+    divided among its jobs).
+    """
+
+    weights: dict[str, torch.Tensor]
+    loss: float
+    buffers: dict[str, torch.Tensor]
+    seconds: float
+
+
+def run_steps(model: nn.Module, job: StepsJob) -> StepsResult:
+    """Run `job` on `model` (loaded with its weights) with :func:`train_steps`.
+
+    The reference that :func:`run_steps_vectorised` is checked against.
+    """
+    started = time.perf_counter()
+    model.load_state_dict(job.weights)
+    loss, buffers = train_steps(
+        model,
+        job.data,
+        steps=job.steps,
+        lr=job.lr,
+        batch_size=job.batch_size,
+        seed=job.seed,
+        momentum=job.momentum,
+        buffers=job.buffers,
+    )
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return StepsResult(weights, loss, buffers, time.perf_counter() - started)
+
+
+def run_steps_vectorised(
+    model: nn.Module, jobs: Sequence[StepsJob]
+) -> list[StepsResult]:
+    r"""Run many clients' jobs in one pass: :func:`run_steps` for each, vectorised.
+
+    The clients' parameters are stacked, ``(J, ...)`` per tensor, and every step
+    takes all ``J`` gradients at once: each layer of `model` (an ``nn.Sequential``
+    of the layers of :func:`make_model`) runs once for all clients, a linear layer
+    as one batched matrix product, a convolution as one grouped convolution
+    (:func:`grouped_logits`). `model` only describes the layers: it is neither
+    trained nor changed. Each job's minibatches and update rule are exactly
+    :func:`train_steps`'s, so a job's result equals :func:`run_steps`'s up to
+    floating-point rounding, where a grouped convolution sums in another order
+    (within ``1e-5`` relative after a step; the MLP's batched products give the
+    same bits). Jobs that differ in steps, learning rate, momentum or minibatch
+    size run in separate passes.
+
+    Raises
+    ------
+    ValueError
+        If `model` holds buffers (BatchNorm statistics) or a layer the grouped
+        pass does not know.
+    """
+    if any(True for _ in model.buffers()):
+        raise ValueError(
+            "Expected a model without buffers for the vectorised pass, got "
+            f"{[k for k, _ in model.named_buffers()]}; run its steps in a loop"
+        )
+    started = time.perf_counter()
+    groups: dict[tuple[int, float, float, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        take = min(job.batch_size, len(job.data))
+        groups.setdefault((job.steps, job.lr, job.momentum, take), []).append(i)
+    results: dict[int, tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]
+    results = {}
+    for members in groups.values():
+        outcome = _vectorised_group(model, [jobs[i] for i in members])
+        results.update(zip(members, outcome, strict=True))
+    share = (time.perf_counter() - started) / max(1, len(jobs))
+    return [StepsResult(*results[i], share) for i in range(len(jobs))]
+
+
+def _vectorised_group(
+    model: nn.Module, jobs: Sequence[StepsJob]
+) -> list[tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]:
+    """One grouped pass over jobs that share steps, lr, momentum and batch size."""
+    first = jobs[0]
+    names = [k for k, _ in model.named_parameters()]
+    params = {k: torch.stack([job.weights[k] for job in jobs]) for k in names}
+    state = {
+        k: torch.stack(
+            [
+                job.buffers[k]
+                if job.buffers and k in job.buffers
+                else torch.zeros_like(job.weights[k])
+                for job in jobs
+            ]
+        )
+        for k in names
+    }
+    batches = [
+        minibatches(len(job.data), job.batch_size, job.steps, job.seed) for job in jobs
+    ]
+    pairs = list(zip(jobs, batches, strict=True))
+    totals = torch.zeros(len(jobs), dtype=torch.float64)
+    for s in range(first.steps):
+        x = torch.stack([job.data.x[b[s]] for job, b in pairs])
+        y = torch.stack([job.data.y[b[s]] for job, b in pairs])
+        leaves = {k: p.requires_grad_(True) for k, p in params.items()}
+        logits = grouped_logits(model, leaves, x)
+        count, size = y.shape
+        losses = nn.functional.cross_entropy(
+            logits.reshape(count * size, -1), y.reshape(-1), reduction="none"
+        )
+        per_client = losses.reshape(count, size).mean(1)  # each client's mean loss
+        grads = torch.autograd.grad(per_client.sum(), list(leaves.values()))
+        totals += per_client.detach().to(torch.float64)
+        with torch.no_grad():
+            params = {k: p.detach() for k, p in params.items()}
+            for k, grad in zip(names, grads, strict=True):
+                state[k].mul_(first.momentum).add_(grad, alpha=1 - first.momentum)
+                params[k].sub_(state[k], alpha=first.lr)
+    steps = max(first.steps, 1)
+    return [
+        (
+            {k: params[k][j] for k in names},
+            float(totals[j]) / steps,
+            {k: state[k][j] for k in names},
+        )
+        for j in range(len(jobs))
+    ]
+
+
+def grouped_logits(
+    model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Return the logits of ``J`` copies of `model`, each with its own parameters.
+
+    `params` maps each of `model`'s parameter names to the ``J`` clients' values,
+    stacked: ``(J, *shape)``; `x` is ``(J, B, features)``, client ``j``'s minibatch
+    in row ``j``. Returns ``(J, B, classes)``: row ``j`` is ``model(x[j])`` with
+    client ``j``'s parameters. Between convolutions the activations stay in the
+    grouped layout ``(B, J * channels, *spatial)``, so that each convolution is
+    one call with ``groups = J``.
+
+    Raises
+    ------
+    ValueError
+        If `model` is not an ``nn.Sequential`` of ``Linear``, ``Conv1d``,
+        ``Conv2d``, ``ReLU``, ``MaxPool1d``/``MaxPool2d``, ``Flatten(1)`` and
+        ``Unflatten(1, ...)`` layers.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            "Expected an nn.Sequential for the grouped pass, got "
+            f"{type(model).__name__}"
+        )
+    clients, batch = x.shape[:2]
+    h, grouped = x, False  # batched: (J, B, ...); grouped: (B, J * C, *spatial)
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Conv1d | nn.Conv2d):
+            if not grouped:
+                h = h.transpose(0, 1).reshape(batch, -1, *h.shape[3:])
+                grouped = True
+            weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+            h = conv(
+                h,
+                weight.reshape(-1, *weight.shape[2:]),
+                None if bias is None else bias.reshape(-1),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups * clients,
+            )
+        elif isinstance(layer, nn.ReLU):
+            h = F.relu(h)
+        elif isinstance(layer, nn.MaxPool1d | nn.MaxPool2d) and grouped:
+            h = layer(h)  # per channel: the grouped layout is what it expects
+        elif isinstance(layer, nn.Flatten) and layer.start_dim == 1:
+            if grouped:
+                h = h.reshape(batch, clients, -1).transpose(0, 1)
+                grouped = False
+            else:
+                h = h.reshape(clients, batch, -1)
+        elif isinstance(layer, nn.Unflatten) and layer.dim == 1 and not grouped:
+            h = h.reshape(clients, batch, *layer.unflattened_size)
+        elif isinstance(layer, nn.Linear) and not grouped:
+            weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            transposed = weight.transpose(1, 2)
+            h = (
+                torch.bmm(h, transposed)
+                if bias is None
+                else torch.baddbmm(bias.unsqueeze(1), h, transposed)
+            )
+        else:
+            raise ValueError(
+                f"Expected the layers of make_model's models in the grouped pass, "
+                f"got {name}: {layer!r}"
+            )
+    return h
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Partition) -> tuple[float, float]:
-    """Return (loss, accuracy) of the model on `data`."""
+def evaluate(
+    model: nn.Module, data: Partition, *, chunk: int = 512
+) -> tuple[float, float]:
+    """Return (loss, accuracy) of the model on `data`.
+
+    The logits are computed `chunk` examples at a time, which keeps the
+    activations in cache (the 1-D CNN on MNIST-1D's 2,000 test signals: 8 ms
+    instead of 16); each example's logits are the same as in one batch for the
+    evaluation's models (checked by the tests), and the loss and accuracy are
+    taken over all of them at once.
+    """
     model.eval()
-    logits = model(data.x)
+    logits = torch.cat(
+        [model(data.x[i : i + chunk]) for i in range(0, len(data), chunk)]
+    )
     loss = float(nn.functional.cross_entropy(logits, data.y))
     accuracy = float((logits.argmax(1) == data.y).float().mean())
     return loss, accuracy

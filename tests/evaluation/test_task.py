@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flwr_alie.evaluation.task import (
+    clear_data_cache,
     evaluate,
     get_weights,
     load_data,
@@ -60,14 +61,14 @@ def test_mnist1d_is_generated_offline_deterministically_for_51_clients(monkeypat
         raise AssertionError("MNIST-1D must not be downloaded")
 
     monkeypatch.setattr(requests, "get", no_network)
-    load_data.cache_clear()
+    clear_data_cache()
     random.seed(7)
     np.random.seed(7)
     before = (random.getstate(), np.random.get_state()[1].copy())
     first = load_data("mnist1d", 51, "iid", 0.5, 0)
     assert random.getstate() == before[0]  # the global generators are restored
     assert np.array_equal(np.random.get_state()[1], before[1])
-    load_data.cache_clear()
+    clear_data_cache()
     again = load_data("mnist1d", 51, "iid", 0.5, 0)
     assert first.num_features == 40
     assert first.num_classes == 10
@@ -299,7 +300,7 @@ def test_hugging_face_images_load_through_flower_datasets_from_a_local_folder(
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     folder = tmp_path / "hub-copy"
     pixels = _parquet_dataset(folder, column, shape, n_train=40, n_test=12)
-    load_data.cache_clear()
+    clear_data_cache()
     data = load_data(str(folder), 4, "iid", 0.5, 0)
     assert data.input_shape == expected
     assert data.num_features == int(np.prod(shape))
@@ -324,4 +325,195 @@ def test_hugging_face_images_load_through_flower_datasets_from_a_local_folder(
         )
         train(model, data.partitions[0], epochs=1, lr=0.1)
         assert model(data.test.x).shape == (12, 10)
-    load_data.cache_clear()
+    clear_data_cache()
+
+
+# ----------------------------------------------------------- the vectorised pass
+
+_ARCHITECTURES = [
+    ("mlp", 40, ()),
+    ("cnn", 40, (1, 40)),
+    ("cnn", 64, (1, 8, 8)),
+    ("cnn", 784, (1, 28, 28)),
+]
+
+
+def _steps_jobs(kind, features, shape, count, *, steps=2, momentum=0.9, sizes=None,
+                with_buffers=False):  # fmt: skip
+    from flwr_alie.evaluation.task import Partition, StepsJob
+
+    generator = torch.Generator().manual_seed(7)
+    model = make_model(features, 10, seed=1, kind=kind, input_shape=shape)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    jobs = []
+    for j in range(count):
+        size = (sizes or [40] * count)[j]
+        data = Partition(
+            torch.rand(size, features, generator=generator),
+            torch.randint(0, 10, (size,), generator=generator),
+        )
+        buffers = (
+            {k: torch.randn(v.shape, generator=generator) for k, v in weights.items()}
+            if with_buffers
+            else None
+        )
+        jobs.append(
+            StepsJob(
+                weights,
+                data,
+                steps=steps,
+                lr=0.3,
+                batch_size=16,
+                seed=100 + j,
+                momentum=momentum,
+                buffers=buffers,
+            )
+        )
+    return model, jobs
+
+
+@pytest.mark.parametrize(("kind", "features", "shape"), _ARCHITECTURES)
+def test_grouped_logits_are_each_clients_own_model(kind, features, shape):
+    from flwr_alie.evaluation.task import grouped_logits
+
+    generator = torch.Generator().manual_seed(0)
+    models = [
+        make_model(features, 10, seed=s, kind=kind, input_shape=shape) for s in range(3)
+    ]
+    params = {
+        k: torch.stack([dict(m.named_parameters())[k].detach() for m in models])
+        for k, _ in models[0].named_parameters()
+    }
+    x = torch.rand(3, 5, features, generator=generator)
+    with torch.no_grad():
+        got = grouped_logits(models[0], params, x)
+        for j, model in enumerate(models):
+            torch.testing.assert_close(got[j], model(x[j]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "features", "shape"), _ARCHITECTURES[:3])
+@pytest.mark.parametrize("with_buffers", [False, True])
+def test_the_vectorised_pass_equals_the_loop(kind, features, shape, with_buffers):
+    from flwr_alie.evaluation.task import run_steps, run_steps_vectorised
+
+    # partitions of 40 examples and two of 9 (a smaller minibatch: its own pass)
+    model, jobs = _steps_jobs(kind, features, shape, 5, sizes=[40, 9, 40, 9, 40],
+                              with_buffers=with_buffers)  # fmt: skip
+    before = [{k: v.clone() for k, v in (j.buffers or {}).items()} for j in jobs]
+    vectorised = run_steps_vectorised(model, jobs)
+    loop = [run_steps(make_model(features, 10, kind=kind, input_shape=shape), j)
+            for j in jobs]  # fmt: skip
+    for v, r in zip(vectorised, loop, strict=True):
+        assert v.loss == pytest.approx(r.loss, rel=1e-5)
+        for key in r.weights:
+            if kind == "mlp":  # batched matrix products: the same bits
+                assert torch.equal(v.weights[key], r.weights[key]), key
+                assert torch.equal(v.buffers[key], r.buffers[key]), key
+            else:  # grouped convolutions sum in another order
+                torch.testing.assert_close(v.weights[key], r.weights[key],
+                                           rtol=1e-5, atol=1e-6)  # fmt: skip
+                torch.testing.assert_close(v.buffers[key], r.buffers[key],
+                                           rtol=1e-5, atol=1e-6)  # fmt: skip
+    for job, saved in zip(jobs, before, strict=True):  # inputs untouched
+        assert all(torch.equal(job.buffers[k], v) for k, v in saved.items())
+    # the model only describes the layers: it is not trained
+    fresh = make_model(features, 10, seed=1, kind=kind, input_shape=shape)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            model.state_dict().values(), fresh.state_dict().values(), strict=True
+        )
+    )
+
+
+def test_the_vectorised_pass_does_not_depend_on_the_other_jobs():
+    from flwr_alie.evaluation.task import run_steps_vectorised
+
+    model, jobs = _steps_jobs("mlp", 40, (), 4)
+    alone = run_steps_vectorised(model, [jobs[2]])[0]
+    together = run_steps_vectorised(model, jobs[::-1])[1]
+    assert all(
+        torch.equal(alone.weights[k], together.weights[k]) for k in alone.weights
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()), "Tanh"),
+        (
+            torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)),
+            "without buffers",
+        ),
+        (torch.nn.Linear(4, 3), "nn.Sequential"),
+    ],
+)
+def test_the_vectorised_pass_names_what_it_cannot_run(model, match):
+    from flwr_alie.evaluation.task import Partition, StepsJob, run_steps_vectorised
+
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    data = Partition(torch.rand(8, 4), torch.randint(0, 3, (8,)))
+    job = StepsJob(weights, data, steps=1, lr=0.1, batch_size=4, seed=0)
+    with pytest.raises(ValueError, match=match):
+        run_steps_vectorised(model, [job])
+
+
+@pytest.mark.parametrize(("kind", "features", "shape"), _ARCHITECTURES)
+def test_evaluation_in_chunks_equals_one_batch(kind, features, shape):
+    from flwr_alie.evaluation.task import Partition
+
+    generator = torch.Generator().manual_seed(0)
+    data = Partition(
+        torch.rand(1100, features, generator=generator),
+        torch.randint(0, 10, (1100,), generator=generator),
+    )
+    model = make_model(features, 10, seed=0, kind=kind, input_shape=shape)
+    with torch.no_grad():
+        logits = model(data.x)
+    loss = float(torch.nn.functional.cross_entropy(logits, data.y))
+    accuracy = float((logits.argmax(1) == data.y).float().mean())
+    assert evaluate(model, data) == (loss, accuracy)
+    assert evaluate(model, data, chunk=100) == (loss, accuracy)
+
+
+# ----------------------------------------------------------------- the caches
+
+
+def test_cached_partitions_and_arrays_are_the_ones_computed(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_ALIE_CACHE", str(tmp_path))
+    clear_data_cache()
+    fresh = load_data("mnist1d", 12, "dirichlet", 0.4, 3)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.split("-")[0] for f in files] == ["mnist1d", "partitions"]
+    clear_data_cache()
+    cached = load_data("mnist1d", 12, "dirichlet", 0.4, 3)
+    for a, b in zip(fresh.partitions, cached.partitions, strict=True):
+        assert torch.equal(a.x, b.x)
+        assert torch.equal(a.y, b.y)
+    assert torch.equal(fresh.test.x, cached.test.x)
+    # another seed, split or alpha is another file
+    load_data("mnist1d", 12, "dirichlet", 0.5, 3)
+    load_data("mnist1d", 12, "iid", 0.5, 3)
+    assert len(list(tmp_path.iterdir())) == 4
+    # an unreadable file is computed again, the same
+    for path in tmp_path.iterdir():
+        path.write_bytes(b"not a npz file")
+    clear_data_cache()
+    again = load_data("mnist1d", 12, "dirichlet", 0.4, 3)
+    assert all(
+        torch.equal(a.x, b.x)
+        for a, b in zip(fresh.partitions, again.partitions, strict=True)
+    )
+    clear_data_cache()
+
+
+def test_prepare_fills_the_cache_for_the_offline_data_sets_only(tmp_path, monkeypatch):
+    from flwr_alie.evaluation.task import prepare
+
+    monkeypatch.setenv("FLWR_ALIE_CACHE", str(tmp_path))
+    clear_data_cache()
+    prepare([("digits", 5, "iid", 0.5, 0), ("digits", 5, "iid", 0.5, 0)])
+    assert len(list(tmp_path.iterdir())) == 1  # digits' partitions; no arrays file
+    prepare([(str(tmp_path / "no-such-folder"), 5, "iid", 0.5, 0)])  # not loaded
+    assert len(list(tmp_path.iterdir())) == 1
+    clear_data_cache()
