@@ -216,6 +216,37 @@ class ALIEConfig:
             values[_RUN_CONFIG_FIELDS[name]] = _parse_value(key, name, value)
         return cls(**values)  # type: ignore[arg-type]
 
+    def to_run_config(self) -> dict[str, bool | float | int | str]:
+        """Return the ``alie.*`` run-config keys of these options.
+
+        The inverse of :meth:`from_run_config` (an empty `byzantine_ids` reads
+        back as ``None``, "none given", which with ``fraction = 0`` also means no
+        Byzantine partition): a ServerApp that sends the options to its
+        ClientApp's mod in a message's ConfigRecord (the evaluation does, for each
+        cell) writes them with this.
+
+        Examples
+        --------
+        >>> options = ALIEConfig(z=1.5, byzantine_ids=(1, 3), seed=2)
+        >>> ALIEConfig.from_run_config(options.to_run_config()) == options
+        True
+        """
+        ids = self.byzantine_ids
+        values: dict[str, bool | float | int | str] = {
+            "z": self.z if self.z == "max" else float(self.z),
+            "direction": self.direction.value,
+            "knowledge": self.knowledge,
+            "fraction": float(self.fraction),
+            "byzantine-ids": "" if ids is None else ",".join(map(str, ids)),
+            "seed": self.seed,
+            "skip-training": "auto"
+            if self.skip_training is None
+            else self.skip_training,
+            "device": self.device,
+        }
+        assert set(values) == set(_RUN_CONFIG_FIELDS)
+        return {RUN_CONFIG_PREFIX + key: value for key, value in values.items()}
+
 
 def _parse_value(key: str, name: str, value: object) -> object:
     """Turn one run-config value into the type of its ALIEConfig field."""

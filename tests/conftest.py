@@ -29,3 +29,12 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps new instruction messages with the identity of the ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in [("_run_id", 1), ("_node_id", 0), ("_task_id", 1)]:
+        monkeypatch.setattr(TaskIdentity, name, value)

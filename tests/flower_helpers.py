@@ -37,6 +37,26 @@ def metadata(node_id: int, message_type: str = "train") -> Metadata:
     )
 
 
+def instruction(
+    dst_node_id: int, content: RecordDict, message_type: str = "train"
+) -> Message:
+    """An instruction Message as a grid pushes it: with its id, to one node."""
+    return Message(
+        content=content,
+        metadata=Metadata(
+            run_id=1,
+            message_id=f"ins-{dst_node_id}",
+            src_node_id=1,
+            dst_node_id=dst_node_id,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=0.0,
+            ttl=3600.0,
+            message_type=message_type,
+        ),
+    )
+
+
 def record(layers: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in layers.items()})
 

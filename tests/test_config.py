@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flwr_alie import ALIEConfig, Direction
 
@@ -93,3 +95,26 @@ def test_seeds_draw_different_partitions():
 def test_explicit_ids_win_over_fraction():
     config = ALIEConfig(fraction=0.4, byzantine_ids=(2,))
     assert config.byzantine_partitions(10) == {2}
+
+
+@settings(deadline=None)
+@given(
+    z=st.one_of(st.just("max"), st.floats(0, 10)),
+    direction=st.sampled_from(list(Direction)),
+    knowledge=st.sampled_from(["oracle", "byzantine-only"]),
+    fraction=st.floats(0, 0.99),
+    ids=st.one_of(st.none(), st.lists(st.integers(0, 500), min_size=1).map(tuple)),
+    seed=st.integers(0, 2**31),
+    skip=st.sampled_from([None, False]),
+    device=st.sampled_from(["auto", "cpu"]),
+)
+def test_to_run_config_is_the_inverse_of_from_run_config(
+    z, direction, knowledge, fraction, ids, seed, skip, device
+):
+    options = ALIEConfig(
+        z=z, direction=direction, knowledge=knowledge, fraction=fraction,
+        byzantine_ids=ids, seed=seed, skip_training=skip, device=device,
+    )  # fmt: skip
+    keys = options.to_run_config()
+    assert all(k.startswith("alie.") for k in keys)
+    assert ALIEConfig.from_run_config(keys) == options

@@ -20,15 +20,9 @@ from tests.flower_helpers import (
     train_reply,
 )
 
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 GLOBAL = {"w": np.array([10.0, 10.0], np.float32), "steps": np.array(4, np.int64)}
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in [("_run_id", 1), ("_node_id", 0), ("_task_id", 1)]:
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def configured(strategy, server_round=1, global_layers=GLOBAL, nodes=3):

@@ -7,13 +7,7 @@ from flwr_alie import ALIEStrategy
 from flwr_alie.optim import ServerMomentum
 from tests.flower_helpers import StubGrid, record, train_reply
 
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in [("_run_id", 1), ("_node_id", 0), ("_task_id", 1)]:
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def round_of(strategy, server_round, global_w, deltas, steps=3):

@@ -31,19 +31,12 @@ from tests.flower_helpers import (
     train_reply,
 )
 
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 GLOBAL = {"w": np.array([10.0, 10.0], np.float32), "steps": np.array(5, np.int64)}
 HONEST = [[11.0, 10.0], [12.0, 12.0], [13.0, 14.0]]
 # deltas [1,0] [2,2] [3,4]: mu = [2, 2], population sigma = [sqrt(2/3), sqrt(8/3)]
 CRAFTED_Z1 = np.array([12 - math.sqrt(2 / 3), 12 - math.sqrt(8 / 3)], np.float32)
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Flower stamps new instruction messages with the identity of the ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in [("_run_id", 1), ("_node_id", 0), ("_task_id", 1)]:
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 @pytest.fixture

@@ -48,7 +48,14 @@ class Cell:
     instead (FedSGD-style, the ALIE paper's with ``K = 1``), with worker momentum
     `worker_momentum`. The server applies `server_lr` and `server_momentum` to
     the aggregate's update (:class:`flwr_alie.optim.ServerMomentum`; the default
-    1 and 0 leave the aggregate as it is).
+    1 and 0 leave the aggregate as it is). ``vectorised`` runs the FedSGD steps of
+    a block's clients in one vectorised pass rather than one after the other
+    (equal up to rounding, :func:`flwr_alie.evaluation.task.run_steps_vectorised`),
+    on ``device`` (``"cuda"`` where the ClientApps have a GPU).
+
+    How the cell travels: ``block_size`` partitions per Flower message (``0``:
+    all ``clients`` in one). With one after the other (``vectorised`` off) any
+    block size gives the same numbers.
     """
 
     strategy: str
@@ -71,6 +78,15 @@ class Cell:
     worker_momentum: float = 0.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    vectorised: bool = False
+    device: str = "cpu"
+    block_size: int = 0
+
+    @property
+    def blocks(self) -> int:
+        """How many Flower messages a round of the cell takes (one per block)."""
+        size = self.block_size or self.clients
+        return -(-self.clients // size)
 
     @property
     def attacked(self) -> bool:

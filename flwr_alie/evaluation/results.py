@@ -18,6 +18,14 @@ from typing import Any
 
 from flwr_alie.evaluation.stats import Interval, mean_interval, paired_difference
 from flwr_alie.evaluation.strategies import STRATEGIES
+from flwr_alie.evaluation.wire import (
+    ROW_ACCURACY,
+    ROW_CELL,
+    ROW_ROUND,
+    ROW_STATUS,
+    STATUS_INVALID,
+    STATUS_OK,
+)
 
 __all__ = [
     "Summary",
@@ -75,12 +83,12 @@ class Summary:
         for row in rows:
             setting = _setting(row)
             self.info.setdefault(setting, row)
-            if row.get("status") != "ok":
+            if row.get(ROW_STATUS) != STATUS_OK:
                 reason = f"{row.get('status')}: {row.get('reason', '')}"
                 self.failed.setdefault(setting, reason)
                 continue
-            per_cell[(setting, row["seed"])][row["round"]] = row["accuracy"]
-            self.curves[setting][row["seed"]][row["round"]] = row["accuracy"]
+            per_cell[(setting, row["seed"])][row[ROW_ROUND]] = row[ROW_ACCURACY]
+            self.curves[setting][row["seed"]][row[ROW_ROUND]] = row[ROW_ACCURACY]
         for (setting, seed), by_round in per_cell.items():
             rounds = int(self.info[setting]["rounds"])
             wanted = range(max(1, rounds - last + 1), rounds + 1)
@@ -156,7 +164,7 @@ class Summary:
 
 def _setting(row: Row) -> str:
     """Return a cell's key without its seed: what seeds are paired over."""
-    return str(row["cell"]).rsplit("/seed", 1)[0]
+    return str(row[ROW_CELL]).rsplit("/seed", 1)[0]
 
 
 def _acc(interval: Interval | None) -> str:
@@ -423,6 +431,12 @@ def plot_effect(rows: Sequence[Row], path: Path, *, last: int) -> None:
 
 def is_finished(rows: Sequence[Row], cell: str, rounds: int) -> bool:
     """Whether `cell` has all its rounds (or was reported invalid) in `rows`."""
-    done = {r["round"] for r in rows if r["cell"] == cell and r.get("status") == "ok"}
-    invalid = any(r["cell"] == cell and r.get("status") == "invalid" for r in rows)
+    done = {
+        r[ROW_ROUND]
+        for r in rows
+        if r[ROW_CELL] == cell and r.get(ROW_STATUS) == STATUS_OK
+    }
+    invalid = any(
+        r[ROW_CELL] == cell and r.get(ROW_STATUS) == STATUS_INVALID for r in rows
+    )
     return invalid or all(r in done for r in range(rounds + 1))

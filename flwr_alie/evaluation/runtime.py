@@ -51,6 +51,12 @@ def flower_env(home: Path) -> dict[str, str]:
             # the SuperLink starts flower-superexec by name: find this install's
             # even when its environment is not activated
             "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
+            # NumPy's OpenBLAS threads busy-wait after each call: in a process
+            # whose torch work runs on its own thread(s) (the ServerApp's cells,
+            # a ClientApp actor) they took a core from it; measured on two cores,
+            # a cell-round of the paper preset cost 110 ms of CPU with them and
+            # 84 ms without
+            "OPENBLAS_NUM_THREADS": "1",
         }
     )
     return env

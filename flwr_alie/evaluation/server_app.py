@@ -2,12 +2,13 @@
 
 Starting Ray and Flower costs seconds, so a single run serves the whole grid: its
 ServerApp runs the cells concurrently (each in a thread, each with its own strategy
-calling Flower's own ``Strategy.start``). The SuperNodes form groups of ``n``; each
-cell trains on one group, so that cells do not queue behind each other on the same
-node (the Simulation Engine hands a node one message every 0.1 s). A cell's options
-travel in its train messages' ConfigRecord, so the ClientApp, and the ALIE mod in
-it, serve every cell alike. Each round's row is appended to ``results.jsonl`` as the
-round ends.
+calling Flower's own ``Strategy.start``). Each running cell holds a slot of the
+run's SuperNodes (:mod:`flwr_alie.evaluation.nodes`), and its strategy sees a
+:class:`~flwr_alie.evaluation.nodes.BlockGrid`: one node per partition, its
+messages a block of partitions each. A cell's task travels in its train messages'
+ConfigRecord (:class:`~flwr_alie.evaluation.wire.TaskOptions`, and the ``alie.*``
+keys of the ALIE mod), so the ClientApp serves every cell alike. Each round's row is
+appended to ``results.jsonl`` as the round ends.
 """
 
 from __future__ import annotations
@@ -24,188 +25,42 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.app.message import arrayrecord
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
-from flwr_alie.evaluation.client_app import KEY_NODE_INDEX
+from flwr_alie.evaluation.flower_patches import (
+    collect_young_generation_only,
+    keep_progress_logs_only,
+    read_arrays_with_cached_headers,
+)
 from flwr_alie.evaluation.grid import Cell, load_cells
+from flwr_alie.evaluation.nodes import BlockGrid, NodeSlots, wait_for_nodes
 from flwr_alie.evaluation.strategies import make_strategy
 from flwr_alie.evaluation.task import evaluate, load_data, make_model
+from flwr_alie.evaluation.wire import (
+    ROW_ACCURACY,
+    ROW_CELL_SECONDS,
+    ROW_LOSS,
+    ROW_REASON,
+    ROW_ROUND,
+    ROW_STATUS,
+    STATUS_ERROR,
+    STATUS_INVALID,
+    STATUS_OK,
+    TaskOptions,
+    row_columns,
+)
 from flwr_alie.optim import ServerMomentum
 from flwr_alie.strategy import ALIEStrategy
 
-__all__ = ["PROGRESS_TAG", "app", "describe"]
+__all__ = ["PROGRESS_TAG", "app"]
 
 PROGRESS_TAG = "[flwr-alie]"
 
 app = ServerApp()
-
-
-class _GroupGrid(Grid):
-    """The run's grid, seen by one cell: its group of nodes, polled every few ms.
-
-    ``get_node_ids`` returns the group's nodes only, so that Flower's own sampling
-    sends the cell's messages there. Flower's grids sleep 0.1 s (in-memory) or 3 s
-    (HTTP) between polls for replies; a round of the evaluation's small model takes
-    milliseconds, so this one polls at `interval`, growing to `longest`.
-    """
-
-    def __init__(
-        self,
-        grid: Grid,
-        node_ids: list[int],
-        interval: float = 0.05,
-        longest: float = 0.5,
-    ) -> None:
-        self.grid = grid
-        self.node_ids = node_ids
-        self.interval = interval
-        self.longest = longest
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        pending = {i for i in self.grid.push_messages(messages) if i}
-        end = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        wait = self.interval
-        while pending and (end is None or time.monotonic() < end):
-            got = list(self.grid.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(wait)
-                wait = min(self.longest, wait * 1.5)
-        return replies
-
-
-class _YoungGenerationGC:
-    """Stands in for the ``gc`` module in Flower's ``arrayrecord`` module."""
-
-    @staticmethod
-    def collect(generation: int = 0) -> int:
-        return gc.collect(0)
-
-
-def _discover_groups(grid: Grid, n: int) -> list[list[int]]:
-    """Ask every node its index; return the complete groups of `n` node ids."""
-    deadline = time.monotonic() + 120
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < n and time.monotonic() < deadline:
-        time.sleep(0.2)
-        node_ids = list(grid.get_node_ids())
-    poller = _GroupGrid(grid, node_ids)
-    queries = [
-        Message(
-            RecordDict(),
-            dst_node_id=node_id,
-            message_type=MessageType.QUERY,
-            group_id="discover",
-        )
-        for node_id in node_ids
-    ]
-    index: dict[int, int] = {}
-    for reply in poller.send_and_receive(queries, timeout=120):
-        if not reply.has_error():
-            index[reply.metadata.src_node_id] = int(
-                reply.content.config_records["node"][KEY_NODE_INDEX]  # type: ignore[arg-type]
-            )
-    groups: dict[int, dict[int, int]] = {}
-    for node_id, i in index.items():
-        groups.setdefault(i // n, {})[i % n] = node_id
-    complete = [
-        [members[p] for p in range(n)]
-        for _, members in sorted(groups.items())
-        if len(members) == n
-    ]
-    if not complete:
-        raise RuntimeError(
-            f"no complete group of {n} SuperNodes answered (got {len(index)} of "
-            f"{len(node_ids)}); run with num-supernodes a multiple of {n}"
-        )
-    return complete
-
-
-def describe(cell: Cell) -> dict[str, object]:
-    """Return the configuration columns of a cell's rows."""
-    return {
-        "cell": cell.key,
-        "strategy": cell.strategy,
-        "split": cell.split,
-        "seed": cell.seed,
-        "attack": cell.attack,
-        "declared": cell.declared,
-        "num_byzantine": len(cell.byzantine_ids),
-        "byzantine_ids": list(cell.byzantine_ids),
-        "z": "none" if cell.z is None else cell.z,
-        "direction": cell.direction or "none",
-        "knowledge": cell.knowledge or "none",
-        "dataset": cell.dataset,
-        "alpha": cell.alpha,
-        "clients": cell.clients,
-        "rounds": cell.rounds,
-        "epochs": cell.epochs,
-        "lr": cell.lr,
-        "batch_size": cell.batch_size,
-        "model": cell.model,
-        "steps": cell.steps,
-        "worker_momentum": cell.worker_momentum,
-        "server_lr": cell.server_lr,
-        "server_momentum": cell.server_momentum,
-    }
-
-
-def _train_config(cell: Cell) -> ConfigRecord:
-    """Return what a client needs of a cell: the task and the alie.* keys."""
-    return ConfigRecord(
-        {
-            "cell": cell.key,
-            "dataset": cell.dataset,
-            "split": cell.split,
-            "alpha": float(cell.alpha),
-            "seed": cell.seed,
-            "epochs": cell.epochs,
-            "lr": float(cell.lr),
-            "batch-size": cell.batch_size,
-            "model": cell.model,
-            "local-steps": cell.steps,
-            "worker-momentum": float(cell.worker_momentum),
-            "alie.byzantine-ids": ",".join(map(str, cell.byzantine_ids)),
-            "alie.knowledge": cell.knowledge or "oracle",
-            "alie.seed": cell.seed,
-        }
-    )
 
 
 class _Output:
@@ -255,8 +110,7 @@ class _Output:
             self.last_line = now
             log(
                 INFO,
-                "%s rounds %d/%d | %s",
-                PROGRESS_TAG,
+                PROGRESS_TAG + " rounds %d/%d | %s",
                 self.done,
                 self.total,
                 self.timing(),
@@ -290,16 +144,21 @@ class _Recorder(Strategy):
         return self.strategy.aggregate_evaluate(*args)
 
 
-def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
+def _run_cell(cell: Cell, grid: Grid, slots: NodeSlots, output: _Output) -> str:
     """Run one cell with Flower's Strategy.start; return its status."""
     started = time.perf_counter()
-    base = describe(cell)
+    base = row_columns(cell)
     problems = cell.problems()
     if problems:
         output.write(
-            {**base, "round": None, "status": "invalid", "reason": "; ".join(problems)}
+            {
+                **base,
+                ROW_ROUND: None,
+                ROW_STATUS: STATUS_INVALID,
+                ROW_REASON: "; ".join(problems),
+            }
         )
-        return "invalid"
+        return STATUS_INVALID
     inner = make_strategy(
         cell.strategy, num_nodes=cell.clients, num_byzantine=cell.declared
     )
@@ -316,7 +175,7 @@ def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
             byzantine_ids=cell.byzantine_ids,
         )
     )
-    data = load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)
+    data = load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)  # type: ignore[arg-type]
     model = make_model(
         data.num_features,
         data.num_classes,
@@ -332,65 +191,70 @@ def _run_cell(cell: Cell, grid: Grid, output: _Output) -> str:
         loss, accuracy = evaluate(model, data.test)
         row = {
             **base,
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
+            ROW_ROUND: server_round,
+            ROW_ACCURACY: accuracy,
+            ROW_LOSS: loss,
             **strategy.train_metrics.get(server_round, {}),
-            "status": "ok",
-            "cell_seconds": time.perf_counter() - started,
+            ROW_STATUS: STATUS_OK,
+            ROW_CELL_SECONDS: time.perf_counter() - started,
         }
         output.write(row)
         if server_round:
             output.round_done()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cell.rounds,
-        train_config=_train_config(cell),
-        evaluate_fn=central_evaluation,
-    )
-    return "ok"
+    with slots.slot() as nodes:
+        strategy.start(
+            grid=BlockGrid(
+                grid,
+                num_partitions=cell.clients,
+                block_size=cell.block_size or cell.clients,
+                nodes=nodes,
+            ),
+            initial_arrays=initial,
+            num_rounds=cell.rounds,
+            train_config=TaskOptions.of(cell).to_record(alie.to_run_config()),
+            evaluate_fn=central_evaluation,
+        )
+    return STATUS_OK
 
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
     config = context.run_config
     cells = load_cells(Path(str(config["grid-path"])))
-    n = int(config["clients"])
     for cell in cells:  # load every data set once, before the cells start
-        load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)
-    groups = _discover_groups(grid, n)
-    # ArrayRecord.to_numpy_ndarrays(keep_input=False), which Flower's Bulyan calls
-    # for each selected reply, forces a full gc.collect(): about 0.08 s each with
-    # torch and Flower loaded, 1 s a Bulyan round, while holding the GIL over every
-    # other cell. The arrays it pops hold no reference cycles (reference counting
-    # frees them), so in this process that call collects the young generation only.
-    arrayrecord.gc = _YoungGenerationGC()  # type: ignore[assignment,attr-defined]
+        load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)  # type: ignore[arg-type]
+    parallel = min(len(cells), int(config["parallel"]) or len(cells))
+    slots = NodeSlots(
+        wait_for_nodes(grid, int(config["supernodes"])),
+        slots=parallel,
+        per_slot=max(cell.blocks for cell in cells),
+    )
+    # the cells' threads are the ServerApp's parallelism: one intra-op thread each
+    # (with more, the cells' small ops wait at torch's barriers for a busy core)
+    torch.set_num_threads(1)
+    collect_young_generation_only()
+    read_arrays_with_cached_headers()
+    if not config.get("verbose"):
+        keep_progress_logs_only(PROGRESS_TAG)
     gc.freeze()  # what is loaded by now stays out of every later collection
     output = _Output(
         Path(str(config["results-path"])),
         sum(cell.rounds for cell in cells),
         int(config["cli-pid"]),
     )
-    parallel = int(config["parallel"]) or len(cells)
     log(
         INFO,
-        "%s %d cells on %d groups of %d nodes, %d at a time",
-        PROGRESS_TAG,
+        PROGRESS_TAG + " %d cells, %d at a time, on %d SuperNodes",
         len(cells),
-        len(groups),
-        n,
         parallel,
+        int(config["supernodes"]),
     )
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {
-            pool.submit(
-                _run_cell, cell, _GroupGrid(grid, groups[i % len(groups)]), output
-            ): cell
-            for i, cell in enumerate(cells)
+            pool.submit(_run_cell, cell, grid, slots, output): cell for cell in cells
         }
         for future in as_completed(futures):
             cell = futures[future]
@@ -400,18 +264,17 @@ def _main(grid: Grid, context: Context) -> None:
                 reason = "".join(traceback.format_exception_only(err)).strip()
                 output.write(
                     {
-                        **describe(cell),
-                        "round": None,
-                        "status": "error",
-                        "reason": reason,
+                        **row_columns(cell),
+                        ROW_ROUND: None,
+                        ROW_STATUS: STATUS_ERROR,
+                        ROW_REASON: reason,
                     }
                 )
-                status = "error"
+                status = STATUS_ERROR
             done += 1
             log(
                 INFO,
-                "%s cell %d/%d %s: %s | %s",
-                PROGRESS_TAG,
+                PROGRESS_TAG + " cell %d/%d %s: %s | %s",
                 done,
                 len(cells),
                 status,

@@ -625,7 +625,10 @@ def run_steps(model: nn.Module, job: StepsJob) -> StepsResult:
 
 
 def run_steps_vectorised(
-    model: nn.Module, jobs: Sequence[StepsJob]
+    model: nn.Module,
+    jobs: Sequence[StepsJob],
+    *,
+    device: torch.device | str = "cpu",
 ) -> list[StepsResult]:
     r"""Run many clients' jobs in one pass: :func:`run_steps` for each, vectorised.
 
@@ -639,7 +642,9 @@ def run_steps_vectorised(
     floating-point rounding, where a grouped convolution sums in another order
     (within ``1e-5`` relative after a step; the MLP's batched products give the
     same bits). Jobs that differ in steps, learning rate, momentum or minibatch
-    size run in separate passes.
+    size run in separate passes. On another `device` (``"cuda"``) the pass runs
+    there, from the same minibatches (drawn on the CPU), and the results come back
+    to the CPU.
 
     Raises
     ------
@@ -660,19 +665,23 @@ def run_steps_vectorised(
     results: dict[int, tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]
     results = {}
     for members in groups.values():
-        outcome = _vectorised_group(model, [jobs[i] for i in members])
+        outcome = _vectorised_group(
+            model, [jobs[i] for i in members], torch.device(device)
+        )
         results.update(zip(members, outcome, strict=True))
     share = (time.perf_counter() - started) / max(1, len(jobs))
     return [StepsResult(*results[i], share) for i in range(len(jobs))]
 
 
 def _vectorised_group(
-    model: nn.Module, jobs: Sequence[StepsJob]
+    model: nn.Module, jobs: Sequence[StepsJob], device: torch.device
 ) -> list[tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]:
     """One grouped pass over jobs that share steps, lr, momentum and batch size."""
     first = jobs[0]
     names = [k for k, _ in model.named_parameters()]
-    params = {k: torch.stack([job.weights[k] for job in jobs]) for k in names}
+    params = {
+        k: torch.stack([job.weights[k] for job in jobs]).to(device) for k in names
+    }
     state = {
         k: torch.stack(
             [
@@ -681,7 +690,7 @@ def _vectorised_group(
                 else torch.zeros_like(job.weights[k])
                 for job in jobs
             ]
-        )
+        ).to(device)
         for k in names
     }
     batches = [
@@ -690,8 +699,8 @@ def _vectorised_group(
     pairs = list(zip(jobs, batches, strict=True))
     totals = torch.zeros(len(jobs), dtype=torch.float64)
     for s in range(first.steps):
-        x = torch.stack([job.data.x[b[s]] for job, b in pairs])
-        y = torch.stack([job.data.y[b[s]] for job, b in pairs])
+        x = torch.stack([job.data.x[b[s]] for job, b in pairs]).to(device)
+        y = torch.stack([job.data.y[b[s]] for job, b in pairs]).to(device)
         leaves = {k: p.requires_grad_(True) for k, p in params.items()}
         logits = grouped_logits(model, leaves, x)
         count, size = y.shape
@@ -700,13 +709,15 @@ def _vectorised_group(
         )
         per_client = losses.reshape(count, size).mean(1)  # each client's mean loss
         grads = torch.autograd.grad(per_client.sum(), list(leaves.values()))
-        totals += per_client.detach().to(torch.float64)
+        totals += per_client.detach().to("cpu", torch.float64)
         with torch.no_grad():
             params = {k: p.detach() for k, p in params.items()}
             for k, grad in zip(names, grads, strict=True):
                 state[k].mul_(first.momentum).add_(grad, alpha=1 - first.momentum)
                 params[k].sub_(state[k], alpha=first.lr)
     steps = max(first.steps, 1)
+    params = {k: p.cpu() for k, p in params.items()}
+    state = {k: v.cpu() for k, v in state.items()}
     return [
         (
             {k: params[k][j] for k in names},

@@ -18,9 +18,9 @@ from flwr_alie.evaluation.results import (
     plot_effect,
     read_rows,
 )
-from flwr_alie.evaluation.server_app import describe
 from flwr_alie.evaluation.stats import mean_interval, paired_difference
 from flwr_alie.evaluation.strategies import make_strategy
+from flwr_alie.evaluation.wire import row_columns as describe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

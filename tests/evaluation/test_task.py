@@ -517,3 +517,19 @@ def test_prepare_fills_the_cache_for_the_offline_data_sets_only(tmp_path, monkey
     prepare([(str(tmp_path / "no-such-folder"), 5, "iid", 0.5, 0)])  # not loaded
     assert len(list(tmp_path.iterdir())) == 1
     clear_data_cache()
+
+
+@pytest.mark.parametrize(("kind", "features", "shape"), _ARCHITECTURES)
+def test_the_vectorised_pass_runs_on_any_device_with_the_cpus_numbers(
+    kind, features, shape, device
+):
+    from flwr_alie.evaluation.task import run_steps_vectorised
+
+    model, jobs = _steps_jobs(kind, features, shape, 3, with_buffers=True)
+    on_cpu = run_steps_vectorised(model, jobs)
+    there = run_steps_vectorised(model, jobs, device=device)
+    for a, b in zip(on_cpu, there, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)
+        for key, value in a.weights.items():
+            assert b.weights[key].device.type == "cpu"  # results come back
+            torch.testing.assert_close(b.weights[key], value, rtol=1e-4, atol=1e-5)
