@@ -47,7 +47,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_alie import ALIEStrategy
+from flwr_alie import ALIEConfig, ALIEStrategy
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...], str]]:
@@ -166,7 +166,7 @@ def _measure(args: argparse.Namespace) -> None:
     global_record, replies, d = build_round(args.replies, args.byzantine)
     h = args.replies - args.byzantine
     fedavg = FedAvg()
-    wrapper = ALIEStrategy(FedAvg(), z="max", device="cpu")
+    wrapper = ALIEStrategy(FedAvg(), ALIEConfig(z="max", device="cpu"))
 
     class _Grid:
         def get_node_ids(self) -> list[int]:

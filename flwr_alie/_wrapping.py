@@ -1,70 +1,88 @@
-"""The Message-API strategy wrapper both the attack and the defences are built on.
+"""The Message-API strategy wrapper that the attack, the defences and momentum share.
 
 Shaped like Flower's own wrappers (``DifferentialPrivacyServerSideFixedClipping``):
-hold the inner strategy, remember the round's global model when
-``configure_train`` sends it, forward everything else.
+take a ``strategy``, keep it as ``.strategy``, remember the round's global model
+when ``configure_train`` sends it (:class:`RoundModel`), forward everything else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flwr_alie.params import Layers, layers_from_record
 
-__all__ = ["StrategyWrapper", "reply_weight"]
+__all__ = ["RoundModel", "StrategyWrapper", "describe"]
 
 
-def reply_weight(message: Message, key: str) -> float:
-    """Return a train reply's sample count: the number under `key` in its metrics.
+def describe(strategy: object) -> str:
+    """Name a strategy in a ``__repr__``: its own repr, or ``ClassName(...)``."""
+    if type(strategy).__repr__ is not object.__repr__:
+        return repr(strategy)
+    return f"{type(strategy).__name__}(...)"
 
-    The last MetricRecord that holds a number under `key` counts; 0 if none does.
+
+class RoundModel:
+    """The global model of the round in progress, as ``configure_train`` sent it.
+
+    The one holder of it for every wrapper and defence: :meth:`see` keeps the
+    record, :meth:`layers` reads it (views of its bytes, once a round; the record
+    is read lazily, so a wrapper that never needs it reads nothing).
     """
-    weight = 0.0
-    for record in message.content.values():  # not .metric_records: it copies
-        if isinstance(record, MetricRecord):
-            value = record.get(key)
-            if isinstance(value, int | float):
-                weight = float(value)
-    return weight
+
+    def __init__(self) -> None:
+        self._round: int | None = None
+        self._record: ArrayRecord | None = None
+        self._layers: Layers | None = None
+
+    def see(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Keep the round's global arrays."""
+        self._round, self._record, self._layers = server_round, arrays, None
+
+    def layers(self, server_round: int) -> Layers | None:
+        """Return the global model of `server_round`, or ``None`` if not seen."""
+        if self._round != server_round or self._record is None:
+            return None
+        if self._layers is None:
+            self._layers = layers_from_record(self._record)
+        return self._layers
 
 
 class StrategyWrapper(Strategy):
-    """Hold `inner`, remember each round's global model, delegate the rest.
+    """Hold `strategy`, remember each round's global model, delegate the rest.
 
-    Subclasses implement ``aggregate_train``; ``_remember`` is where the round's
-    global model goes (kept here by default).
+    Subclasses implement ``aggregate_train`` and may extend :meth:`summary` with
+    :meth:`_log_settings`.
     """
 
-    def __init__(self, inner: Strategy, *, name: str = "inner", hint: str = "") -> None:
-        if not isinstance(inner, Strategy):
+    def __init__(self, strategy: Strategy, *, hint: str = "") -> None:
+        if not isinstance(strategy, Strategy):
             raise TypeError(
-                f"Expected `{name}` to be a flwr.serverapp.strategy.Strategy, got "
-                f"{type(inner).__name__}{hint}"
+                "Expected `strategy` to be a flwr.serverapp.strategy.Strategy, got "
+                f"{type(strategy).__name__}{hint}"
             )
-        self.strategy = inner
-        self._global: tuple[int, Layers] | None = None
+        self.strategy = strategy
+        self.round_model = RoundModel()
 
-    def _remember(self, server_round: int, global_layers: Layers) -> None:
-        self._global = (server_round, global_layers)
-
-    def _global_for(self, server_round: int) -> Layers | None:
-        if self._global is None or self._global[0] != server_round:
-            return None
-        return self._global[1]
+    def _log_settings(self) -> None:
+        """Log this wrapper's own settings (Flower's summary style)."""
+        log(INFO, "\t├──> %r", self)
 
     def summary(self) -> None:
-        """Log the inner strategy's summary."""
+        """Log this wrapper's settings, then the wrapped strategy's summary."""
+        self._log_settings()
         self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the round's global model, then delegate."""
-        self._remember(server_round, layers_from_record(arrays))
+        self.round_model.see(server_round, arrays)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(

@@ -27,6 +27,7 @@ __all__ = [
     "TAG_SKIPPED_TRAINING",
     "ALIEConfig",
     "Knowledge",
+    "draw_byzantine",
     "resolve_device",
 ]
 
@@ -165,8 +166,8 @@ class ALIEConfig:
         """Return the Byzantine partition ids among ``range(num_partitions)``.
 
         The explicit `byzantine_ids` if given, else ``round(fraction * n)`` ids drawn
-        without replacement by ``random.Random(seed)``: the same on every node and
-        every run.
+        by :func:`draw_byzantine` from `seed`: the same on every node, in every run,
+        and the ones the evaluation (``flwr-alie``) attacks for that seed.
 
         Examples
         --------
@@ -184,7 +185,7 @@ class ALIEConfig:
         if self.byzantine_ids is not None:
             return frozenset(self.byzantine_ids)
         count = round(self.fraction * num_partitions)
-        return frozenset(random.Random(self.seed).sample(range(num_partitions), count))
+        return frozenset(draw_byzantine(num_partitions, count, self.seed))
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ALIEConfig:
@@ -246,6 +247,25 @@ class ALIEConfig:
         }
         assert set(values) == set(_RUN_CONFIG_FIELDS)
         return {RUN_CONFIG_PREFIX + key: value for key, value in values.items()}
+
+
+def draw_byzantine(n: int, count: int, seed: int) -> tuple[int, ...]:
+    """Return the Byzantine partitions of `seed`: the first `count` of a permutation.
+
+    The permutation of ``range(n)`` is ``random.Random(seed)``'s; the ids come
+    sorted. Nested across counts: the 2 Byzantine partitions of a seed are among its
+    4. The one draw of flwr-alie: the mod's ``alie.fraction`` and the evaluation's
+    grid both use it.
+
+    Examples
+    --------
+    >>> draw_byzantine(20, 4, seed=0)
+    (1, 8, 12, 13)
+    >>> set(draw_byzantine(20, 2, seed=0)) <= set(draw_byzantine(20, 4, seed=0))
+    True
+    """
+    order = random.Random(seed).sample(range(n), n)
+    return tuple(sorted(order[:count]))
 
 
 def _parse_value(key: str, name: str, value: object) -> object:

@@ -10,6 +10,12 @@ Flower's FedAvg aggregates them. Sample counts are not weights unless a class sa
 - :class:`NNM` (nearest-neighbour mixing; Allouah et al., AISTATS 2023), a wrapper
 - :class:`Bucketing` (Karimireddy, He and Jaggi, ICLR 2022), a wrapper
 
+Before any aggregation, each sets aside the replies that would break it, as
+failures named in a warning and counted in its ``<prefix>.num-rejected`` metric:
+those :func:`flwr_alie.replies.validate` refuses (malformed metrics, sample counts
+or arrays), and updates that hold NaN or inf or whose norm overflows float32's
+squared distances. One bad client then costs its own reply, not the aggregate.
+
 They compose with :class:`flwr_alie.ALIEStrategy`, which wraps the outermost one:
 ``ALIEStrategy(NNM(Krum(num_malicious_nodes=f), f=f))`` crafts, then mixes, then
 selects.
@@ -18,9 +24,10 @@ selects.
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -32,44 +39,91 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from flwr_alie._wrapping import StrategyWrapper, reply_weight
+from flwr_alie._checks import check_count, check_real
+from flwr_alie._wrapping import RoundModel, StrategyWrapper, describe
 from flwr_alie.aggregators import (
+    bucket_permutation,
     bucketing,
     centered_clipping,
     geometric_median,
     nearest_neighbor_mixing,
 )
-from flwr_alie.aggregators._checks import check_count, check_real
 from flwr_alie.params import (
     Layers,
     PackSpec,
     arrays_from_layers,
-    layers_from_record,
-    layers_from_reply,
     pack,
     record_from_layers,
     unpack,
 )
+from flwr_alie.replies import as_failure, message_view, reply_weight, validate
 
 __all__ = ["NNM", "Bucketing", "CenteredClipping", "GeometricMedian"]
 
+# An update whose norm is beyond this squares (and so do its distances to others)
+# past float32's largest value.
+_LARGEST_NORM = math.sqrt(torch.finfo(torch.float32).max) / 2
 
-def _pack_updates(
-    replies: Sequence[Message], global_layers: Layers
-) -> tuple[torch.Tensor, PackSpec]:
-    """Pack the replies' floating arrays minus the global ones, a row per reply."""
-    readers: list[Callable[[], Layers]] = [
-        functools.partial(layers_from_reply, m, f"node {m.metadata.src_node_id}")
-        for m in replies
-    ]
-    return pack(
-        readers,
-        global_layers,
-        names=[f"node {m.metadata.src_node_id}" for m in replies],
+
+@dataclasses.dataclass
+class _Screened:
+    """A round's replies after screening: the updates fit to aggregate, as rows."""
+
+    kept: list[Message]
+    failures: list[Message]
+    rejected: int
+    x: torch.Tensor | None = None
+    spec: PackSpec | None = None
+
+
+def _screen(
+    server_round: int,
+    replies: Iterable[Message],
+    global_layers: Layers | None,
+    weight_key: str,
+    who: str,
+) -> _Screened:
+    """Sort the replies by node, set aside those that would break an aggregate.
+
+    Error replies, and those :func:`flwr_alie.replies.validate` refuses, go on as
+    failures; so do updates that are not finite or whose norm overflows float32.
+    The kept replies' updates are packed, a row each (when the round's global
+    model is known).
+    """
+    replies = list(replies)
+    valid = sorted(
+        (m for m in replies if not m.has_error()), key=lambda m: m.metadata.src_node_id
     )
+    failures = [m for m in replies if m.has_error()]
+    views = [message_view(m, weight_key) for m in valid]
+    rejected = validate(server_round, views, global_layers)
+    failures += [as_failure(valid[i], why) for i, why in rejected.items()]
+    keep = [i for i in range(len(valid)) if i not in rejected]
+    if global_layers is None or not keep:
+        return _Screened([valid[i] for i in keep], failures, len(rejected))
+    x, spec = pack(
+        [views[i].layers for i in keep],
+        global_layers,
+        names=[views[i].name for i in keep],
+    )
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).tolist()
+    good = [j for j, norm in enumerate(norms) if norm <= _LARGEST_NORM]  # NaN: False
+    for j in sorted(set(range(len(keep))) - set(good)):
+        why = (
+            "its update holds NaN or inf"
+            if not math.isfinite(norms[j])
+            else f"its update's norm {norms[j]:.3g} overflows float32's squares"
+        )
+        log(WARNING, "%s round %d: %s: %s; the reply goes on as a failure", who,
+            server_round, views[keep[j]].name, why)  # fmt: skip
+        failures.append(as_failure(valid[keep[j]], why))
+    rows = x if len(good) == len(keep) else x[good]
+    kept = [valid[keep[j]] for j in good]
+    return _Screened(kept, failures, len(valid) - len(kept), rows, spec)
 
 
 def _with_arrays(message: Message, arrays: dict[str, Array]) -> Message:
@@ -84,28 +138,33 @@ def _with_arrays(message: Message, arrays: dict[str, Array]) -> Message:
     return rebuilt
 
 
-def _by_node(replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
-    """Split valid replies (sorted by node id: a deterministic round) from errors."""
-    replies = list(replies)
-    valid = sorted(
-        (m for m in replies if not m.has_error()), key=lambda m: m.metadata.src_node_id
-    )
-    return valid, [m for m in replies if m.has_error()]
+def _merged(metrics: MetricRecord | None, extra: dict[str, float]) -> MetricRecord:
+    merged = MetricRecord(dict(metrics or {}))
+    for key, value in extra.items():
+        merged[key] = value
+    return merged
 
 
 class _RobustFedAvg(FedAvg):
     """FedAvg whose floating arrays come from a robust aggregate of the updates."""
 
+    prefix = "robust"  # of the strategy's metrics
+
     def __init__(self, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
-        self._global: tuple[int, Layers] | None = None
+        self.round_model = RoundModel()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the round's global model, then sample as FedAvg does."""
-        self._global = (server_round, layers_from_record(arrays))
+        self.round_model.see(server_round, arrays)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def summary(self) -> None:
+        """Log the defence's own settings, then FedAvg's."""
+        log(INFO, "\t├──> %r", self)
+        super().summary()
 
     def _robust(
         self, x: torch.Tensor, replies: Sequence[Message]
@@ -116,24 +175,22 @@ class _RobustFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the updates robustly; the rest as FedAvg does."""
-        valid, _ = _by_node(replies)
-        valid, _ = self._check_and_log_replies(valid, is_train=True)
-        if not valid or self._global is None or self._global[0] != server_round:
-            return super().aggregate_train(server_round, valid)
-        global_layers = self._global[1]
-        x, spec = _pack_updates(valid, global_layers)  # read before FedAvg's pass
-        update, extra = self._robust(x, valid)
-        arrays, metrics = super().aggregate_train(server_round, valid)
-        if arrays is None:
-            return arrays, metrics
-        robust = unpack(update, spec, global_layers)
-        arrays = record_from_layers(
-            {k: robust[k] for k in spec.packed_keys}, base=arrays
+        screened = _screen(
+            server_round,
+            replies,
+            self.round_model.layers(server_round),
+            self.weighted_by_key,
+            type(self).__name__,
         )
-        merged = MetricRecord(dict(metrics or {}))
-        for key, value in extra.items():
-            merged[key] = value
-        return arrays, merged
+        arrays, metrics = super().aggregate_train(
+            server_round, screened.kept + screened.failures
+        )
+        extra: dict[str, float] = {f"{self.prefix}.num-rejected": screened.rejected}
+        if arrays is None or screened.x is None or screened.spec is None:
+            return arrays, _merged(metrics, extra)
+        update, own = self._robust(screened.x, screened.kept)
+        arrays = record_from_layers(unpack(update, screened.spec), base=arrays)
+        return arrays, _merged(metrics, {**extra, **own})
 
 
 class CenteredClipping(_RobustFedAvg):
@@ -155,11 +212,15 @@ class CenteredClipping(_RobustFedAvg):
 
     Notes
     -----
-    The paper clips workers' momenta around the previous aggregate momentum; here
-    the updates of a round are clipped around the previous aggregated update
-    (server-side, no client momentum). The round's metrics gain ``cc.tau``,
-    ``cc.clipped`` (replies clipped in the last iteration) and ``cc.update-norm``.
+    The paper clips the workers' momenta around the previous aggregate momentum;
+    here each round's updates are clipped around the previous aggregated update.
+    With worker momentum (clients that keep their own momentum and send
+    ``-lr * m``), the two agree up to the factor ``lr`` in ``tau``. The round's
+    metrics gain ``cc.tau``, ``cc.clipped`` (replies clipped in the last iteration),
+    ``cc.update-norm`` and ``cc.num-rejected``.
     """
+
+    prefix = "cc"
 
     def __init__(
         self, *, tau: float, iterations: int = 1, **fedavg_kwargs: Any
@@ -185,10 +246,9 @@ class CenteredClipping(_RobustFedAvg):
         )
         self._center = update
         # which replies the last iteration clipped: distance to the centre it used
-        previous = center if self.iterations == 1 else None
         clipped = float("nan")
-        if previous is not None:
-            distances = torch.linalg.vector_norm(x - previous, dim=1)
+        if self.iterations == 1:
+            distances = torch.linalg.vector_norm(x - center, dim=1)
             clipped = float((distances > self.tau).sum())
         return update, {
             "cc.tau": self.tau,
@@ -213,7 +273,13 @@ class GeometricMedian(_RobustFedAvg):
         count.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+
+    Notes
+    -----
+    The round's metrics gain ``gm.update-norm`` and ``gm.num-rejected``.
     """
+
+    prefix = "gm"
 
     def __init__(
         self,
@@ -258,26 +324,31 @@ class NNM(StrategyWrapper):
 
     Every train reply's floating arrays are replaced by global + the mean of the
     ``n - f`` updates nearest to its own
-    (:func:`flwr_alie.aggregators.nearest_neighbor_mixing`); then `inner`
-    aggregates the mixed replies. Error replies pass through.
+    (:func:`flwr_alie.aggregators.nearest_neighbor_mixing`); then `strategy`
+    aggregates the mixed replies. Error replies, and those set aside, pass on as
+    failures.
 
     Parameters
     ----------
-    inner : Strategy
+    strategy : Strategy
         The strategy that aggregates the mixed replies (e.g. ``Krum``,
         ``FedMedian``, a user's own).
     f : int
         The number of Byzantine replies to resist, ``>= 0`` (``f < n`` is checked
         by :func:`flwr_alie.check_setup` before a run, and in each round).
+
+    Notes
+    -----
+    The round's metrics gain ``nnm.f`` and ``nnm.num-rejected``.
     """
 
-    def __init__(self, inner: Strategy, *, f: int) -> None:
-        super().__init__(inner)
+    def __init__(self, strategy: Strategy, *, f: int) -> None:
+        super().__init__(strategy)
         self.f = check_count(f, "f", low=0)
 
     def __repr__(self) -> str:
-        """Name the inner strategy and `f`."""
-        return f"NNM({self.strategy!r}, f={self.f})"
+        """Name the wrapped strategy and `f`."""
+        return f"NNM({describe(self.strategy)}, f={self.f})"
 
     def setup_problems(self, num_nodes: int) -> list[str]:
         """NNM needs ``f < n``."""
@@ -289,91 +360,108 @@ class NNM(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Mix the updates, then delegate."""
-        valid, errors = _by_node(replies)
-        global_layers = self._global_for(server_round)
-        if global_layers is None or not valid or self.f >= len(valid):
-            return self.strategy.aggregate_train(server_round, valid + errors)
-        x, spec = _pack_updates(valid, global_layers)
-        mixed = nearest_neighbor_mixing(x, f=self.f)
-        forwarded = []
-        for message, row in zip(valid, mixed, strict=True):
-            layers = unpack(row, spec, global_layers)
-            shared = arrays_from_layers({k: layers[k] for k in spec.packed_keys})
-            forwarded.append(_with_arrays(message, shared))
+        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        screened = _screen(
+            server_round, replies, self.round_model.layers(server_round), weight_key,
+            "NNM",
+        )  # fmt: skip
+        forwarded = screened.kept
+        if screened.x is not None and screened.spec is not None:
+            if self.f < len(screened.kept):
+                mixed = nearest_neighbor_mixing(screened.x, f=self.f)
+                forwarded = [
+                    _with_arrays(m, arrays_from_layers(unpack(row, screened.spec)))
+                    for m, row in zip(screened.kept, mixed, strict=True)
+                ]
+            else:
+                log(WARNING, "NNM round %d: f = %d of %d replies; they go on "
+                    "unmixed", server_round, self.f, len(screened.kept))  # fmt: skip
         arrays, metrics = self.strategy.aggregate_train(
-            server_round, forwarded + errors
+            server_round, forwarded + screened.failures
         )
-        merged = MetricRecord(dict(metrics or {}))
-        merged["nnm.f"] = self.f
-        return arrays, merged
+        return arrays, _merged(
+            metrics, {"nnm.f": self.f, "nnm.num-rejected": screened.rejected}
+        )
 
 
 class Bucketing(StrategyWrapper):
     """Bucketing (Karimireddy, He and Jaggi, ICLR 2022) before any strategy.
 
-    The round's valid replies (sorted by node id) are shuffled into buckets of `s`
-    with a generator seeded by ``(seed, server_round)``; `inner` receives one reply
-    per bucket: global + the bucket's mean update, claiming the bucket's summed
-    sample count. Error replies pass through.
+    The round's replies (sorted by node id) are shuffled into buckets of `s`
+    (:func:`flwr_alie.aggregators.bucket_permutation`, from a generator seeded by
+    ``(seed, server_round)``); `strategy` receives one reply per bucket: global +
+    the bucket's mean update (:func:`flwr_alie.aggregators.bucketing`), claiming
+    the bucket's summed sample count. Error replies, and those set aside, pass on
+    as failures.
 
     Parameters
     ----------
-    inner : Strategy
+    strategy : Strategy
         The strategy that aggregates the bucket means; it sees ``ceil(n / s)``
         replies (:func:`flwr_alie.check_setup` applies its limits to that count).
     s : int
         Bucket size, ``>= 1`` (the paper uses 2).
     seed : int
         Seed of the shuffles.
+
+    Notes
+    -----
+    The round's metrics gain ``bucketing.buckets`` and ``bucketing.num-rejected``.
     """
 
-    def __init__(self, inner: Strategy, *, s: int, seed: int = 0) -> None:
-        super().__init__(inner)
+    def __init__(self, strategy: Strategy, *, s: int, seed: int = 0) -> None:
+        super().__init__(strategy)
         self.s = check_count(s, "s", low=1)
         self.seed = check_count(seed, "seed", low=0)
 
     def __repr__(self) -> str:
-        """Name the inner strategy and the options."""
-        return f"Bucketing({self.strategy!r}, s={self.s}, seed={self.seed})"
+        """Name the wrapped strategy and the options."""
+        return f"Bucketing({describe(self.strategy)}, s={self.s}, seed={self.seed})"
 
     def inner_num_nodes(self, num_nodes: int) -> int:
-        """Return the number of replies `inner` receives: ``ceil(n / s)``."""
+        """Return the number of replies `strategy` receives: ``ceil(n / s)``."""
         return math.ceil(num_nodes / self.s)
-
-    def _generator(self, server_round: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average random buckets, then delegate one reply per bucket."""
-        valid, errors = _by_node(replies)
-        global_layers = self._global_for(server_round)
-        if global_layers is None or not valid:
-            return self.strategy.aggregate_train(server_round, valid + errors)
-        x, spec = _pack_updates(valid, global_layers)
-        means = bucketing(x, s=self.s, generator=self._generator(server_round))
-        # the same permutation bucketing drew, from the same seed
-        perm = torch.randperm(
-            len(valid), generator=self._generator(server_round)
-        ).tolist()
         weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        screened = _screen(
+            server_round, replies, self.round_model.layers(server_round), weight_key,
+            "Bucketing",
+        )  # fmt: skip
+        forwarded = screened.kept
+        if screened.x is not None and screened.spec is not None:
+            forwarded = self._buckets(server_round, screened, weight_key)
+        arrays, metrics = self.strategy.aggregate_train(
+            server_round, forwarded + screened.failures
+        )
+        return arrays, _merged(
+            metrics,
+            {"bucketing.buckets": len(forwarded),
+             "bucketing.num-rejected": screened.rejected},
+        )  # fmt: skip
+
+    def _buckets(
+        self, server_round: int, screened: _Screened, weight_key: str
+    ) -> list[Message]:
+        """One reply per bucket: its first member's, with the bucket's mean."""
+        assert screened.x is not None
+        assert screened.spec is not None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + server_round)
+        perm = bucket_permutation(len(screened.kept), generator=generator)
+        means = bucketing(screened.x, s=self.s, permutation=perm)
+        order = perm.tolist()
         forwarded = []
         for k, row in enumerate(means):
-            members = [valid[i] for i in perm[k * self.s : (k + 1) * self.s]]
+            members = [screened.kept[i] for i in order[k * self.s : (k + 1) * self.s]]
             count = float(sum(reply_weight(m, weight_key) for m in members))
-            layers = unpack(row, spec, global_layers)
             first = _with_arrays(
-                members[0],
-                arrays_from_layers({k2: layers[k2] for k2 in spec.packed_keys}),
+                members[0], arrays_from_layers(unpack(row, screened.spec))
             )
             metric_key = next(iter(first.content.metric_records), "metrics")
             total = int(count) if count.is_integer() else count
             first.content[metric_key] = MetricRecord({weight_key: total})
             forwarded.append(first)
-        arrays, metrics = self.strategy.aggregate_train(
-            server_round, forwarded + errors
-        )
-        merged = MetricRecord(dict(metrics or {}))
-        merged["bucketing.buckets"] = len(forwarded)
-        return arrays, merged
+        return forwarded

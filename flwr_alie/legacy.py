@@ -10,9 +10,10 @@ re-export), so it can be dropped by deleting this file. The round itself is
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Collection
-from typing import Any, Literal
+from logging import WARNING
+from typing import Any
 
 from flwr.client import Client, NumPyClient
 from flwr.common import (
@@ -28,12 +29,12 @@ from flwr.common import (
     Parameters,
     Scalar,
     Status,
+    log,
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from flwr_alie.attacks import Direction
 from flwr_alie.config import (
     LEGACY_TAG_PREFIX,
     SKIPPED_WEIGHT,
@@ -41,14 +42,16 @@ from flwr_alie.config import (
     TAG_PARTITION_ID,
     TAG_SKIPPED_TRAINING,
     ALIEConfig,
-    Knowledge,
 )
-from flwr_alie.engine import KEY_SECONDS, Reply, engine_for, reply_order
+from flwr_alie.engine import KEY_BELOW_LIMIT, KEY_SECONDS, RoundEngine
+from flwr_alie.limits import replies_problems
 from flwr_alie.params import (
+    Layers,
     layers_from_parameters,
     parameters_from_layers,
     tensors_from_layers,
 )
+from flwr_alie.replies import Reply, reply_order
 
 __all__ = ["ALIEClient", "ALIELegacyStrategy"]
 
@@ -148,19 +151,16 @@ class ALIELegacyStrategy(Strategy):
     Wraps a strategy of the ``aggregate_fit(server_round, results, failures)`` API
     (FedAvg, FedMedian, FedTrimmedAvg, Krum, Bulyan, ...). The Byzantine clients are
     those wrapped in :class:`ALIEClient`, whose ``FitRes.metrics`` carry ``alie.*``
-    tags. Parameters, the round and the telemetry as in
+    tags. Parameters, the round, the replies set aside and the telemetry as in
     :class:`flwr_alie.ALIEStrategy`.
     """
 
     def __init__(
         self,
         strategy: Strategy,
+        config: ALIEConfig | None = None,
         *,
-        z: float | Literal["max"] = "max",
-        direction: Direction = Direction.NEGATIVE,
-        knowledge: Knowledge = "oracle",
-        device: str = "auto",
-        byzantine_ids: Collection[int] | None = None,
+        num_nodes: int | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(
@@ -169,7 +169,8 @@ class ALIELegacyStrategy(Strategy):
                 "ALIEStrategy"
             )
         self.strategy = strategy
-        self.engine = engine_for(z, direction, knowledge, device, byzantine_ids)
+        self.engine = RoundEngine(config or ALIEConfig(), num_nodes=num_nodes)
+        self._global: tuple[int, Layers] | None = None
 
     @property
     def config(self) -> ALIEConfig:
@@ -188,7 +189,7 @@ class ALIELegacyStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, Any]]:
         """Remember the round's global model, then delegate."""
-        self.engine.remember(server_round, layers_from_parameters(parameters))
+        self._global = (server_round, layers_from_parameters(parameters))
         return self.strategy.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -201,36 +202,30 @@ class ALIELegacyStrategy(Strategy):
         started = time.perf_counter()
         ordered = sorted(results, key=_order)
         views = [_view(proxy, res) for proxy, res in ordered]
-        malformed = self.engine.malformed(server_round, views)
-        if malformed:
-            failures = [
-                *failures,
-                *(ValueError(f"malformed reply: {why}") for why in malformed.values()),
-            ]
-            ordered = [r for i, r in enumerate(ordered) if i not in malformed]
-            views = [v for i, v in enumerate(views) if i not in malformed]
-        result = self.engine.attack(server_round, views)
+        global_layers = None
+        if self._global is not None and self._global[0] == server_round:
+            global_layers = self._global[1]
+        result = self.engine.attack(server_round, views, global_layers)
+        failed = {**result.rejected}
+        failed.update(dict.fromkeys(result.dropped, "Byzantine client without a "
+                                    "crafted update"))  # fmt: skip
+        failures = [*failures, *(ValueError(why) for why in failed.values())]
         crafted = (
-            None
-            if result.crafted is None  # serialized once, shared by every reply
-            else tensors_from_layers(
-                {k: result.crafted[k] for k in result.replaced_keys}
-            )
+            None  # serialized once, shared by every reply
+            if result.crafted is None
+            else tensors_from_layers(result.crafted)
         )
         template = None if result.template is None else ordered[result.template][1]
-        if result.dropped:
-            failures = [
-                *failures,
-                *(
-                    ValueError("Byzantine client without a crafted update")
-                    for _ in result.dropped
-                ),
-            ]
         forwarded = [
             (proxy, _rebuild(res, v, crafted, template))
             for i, ((proxy, res), v) in enumerate(zip(ordered, views, strict=True))
-            if i not in result.dropped
+            if i not in failed
         ]
+        below = replies_problems(self.strategy, len(forwarded))
+        if below:
+            log(WARNING, "ALIE round %d: %d results reach %s: %s", server_round,
+                len(forwarded), type(self.strategy).__name__,
+                "; ".join(below))  # fmt: skip
         seconds = time.perf_counter() - started
         parameters, metrics = self.strategy.aggregate_fit(
             server_round, forwarded, failures
@@ -239,7 +234,8 @@ class ALIELegacyStrategy(Strategy):
         return parameters, {
             **metrics,
             **result.metrics,
-            **self.engine.aggregate_metrics(server_round, result, aggregate),
+            **self.engine.aggregate_metrics(result, aggregate),
+            KEY_BELOW_LIMIT: int(bool(below)),
             KEY_SECONDS: seconds,
         }
 
@@ -285,17 +281,44 @@ def _order(item: tuple[ClientProxy, FitRes]) -> tuple[int, int]:
 
 
 def _view(proxy: ClientProxy, res: FitRes) -> Reply:
+    """Read a fit result into a :class:`Reply`, its ``alie.*`` tags strictly."""
     tags = _tags(res)
+    problems = []
+    byzantine = tags.get(TAG_BYZANTINE, False)
+    skipped = tags.get(TAG_SKIPPED_TRAINING, False)
     partition = tags.get(TAG_PARTITION_ID)
+    for key, value in ((TAG_BYZANTINE, byzantine), (TAG_SKIPPED_TRAINING, skipped)):
+        if not isinstance(value, bool):
+            problems.append(f"its tag {LEGACY_TAG_PREFIX + key!r} is {value!r}, "
+                            "not a bool")  # fmt: skip
+    if partition is not None and (
+        isinstance(partition, bool) or not isinstance(partition, int) or partition < 0
+    ):
+        problems.append(f"its tag {LEGACY_TAG_PREFIX + TAG_PARTITION_ID!r} is "
+                        f"{partition!r}, not an int >= 0")  # fmt: skip
+        partition = None
+    examples = res.num_examples
+    weight = (
+        float(examples)
+        if isinstance(examples, int | float) and not isinstance(examples, bool)
+        else math.nan
+    )
+    name = (
+        f"client {proxy.cid}"
+        if partition is None
+        else f"partition {partition} (client {proxy.cid})"
+    )
     return Reply(
         partition=partition if isinstance(partition, int) else None,
-        name=f"partition {partition} (client {proxy.cid})"
-        if isinstance(partition, int)
-        else f"client {proxy.cid}",
-        byzantine=bool(tags.get(TAG_BYZANTINE, False)),
-        skipped=bool(tags.get(TAG_SKIPPED_TRAINING, False)),
-        weight=float(res.num_examples),
+        name=name,
+        byzantine=byzantine is True,
+        skipped=skipped is True,
+        weight=weight,
         read_layers=lambda: layers_from_parameters(res.parameters),
+        metric_keys=frozenset(
+            k for k in res.metrics if not k.startswith(LEGACY_TAG_PREFIX)
+        ),
+        problem="; ".join(problems) or None,
     )
 
 

@@ -3,25 +3,57 @@
 Flower's robust strategies default to ``num_malicious_nodes = 0`` and, when ``n`` is
 too small for the declared ``f``, skip aggregation with a warning in the middle of a
 run. :func:`check_setup` reports such configurations before anything starts, from
-one table (:data:`LIMITS`) of the least number of nodes each strategy needs. A
-strategy of a user's own, or a wrapper of flwr-alie's defences, can add its own
-checks by defining ``setup_problems(num_nodes: int) -> list[str]``; a wrapper that
-hands its inner strategy fewer replies than it received (bucketing) defines
-``inner_num_nodes(num_nodes: int) -> int``.
+one table (:data:`LIMITS`) of the least number of nodes each strategy needs, and
+:func:`replies_problems` tells a round when too few replies reached a strategy. A
+wrapper (:class:`Wraps`: Flower's own DP wrappers, flwr-alie's) is looked through; a
+strategy of a user's own can add its checks (:class:`HasSetupProblems`), and a
+wrapper that hands its inner strategy fewer replies than it received (bucketing)
+says how many (:class:`ShrinksReplies`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from flwr.server import strategy as legacy
 from flwr.serverapp import strategy as message_api
 
 from flwr_alie.attacks import z_max
 
-__all__ = ["LIMITS", "Limit", "check_setup"]
+__all__ = [
+    "LIMITS",
+    "HasSetupProblems",
+    "Limit",
+    "ShrinksReplies",
+    "Wraps",
+    "check_setup",
+    "replies_problems",
+]
+
+
+@runtime_checkable
+class Wraps(Protocol):
+    """A strategy that wraps another as ``.strategy`` (Flower's convention)."""
+
+    strategy: Any
+
+
+@runtime_checkable
+class HasSetupProblems(Protocol):
+    """A strategy that knows which node counts it cannot serve."""
+
+    def setup_problems(self, num_nodes: int) -> list[str]:
+        """Return why `num_nodes` replies cannot be served (empty if they can)."""
+
+
+@runtime_checkable
+class ShrinksReplies(Protocol):
+    """A wrapper whose inner strategy receives fewer replies than it does."""
+
+    def inner_num_nodes(self, num_nodes: int) -> int:
+        """Return how many replies the inner strategy receives of `num_nodes`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +98,33 @@ def _declared_f(strategy: object) -> int:
 
 def _layers(strategy: object, num_nodes: int) -> Iterator[tuple[Any, int]]:
     """Yield the strategy, then each strategy it wraps, with the replies each sees."""
-    seen = 0
-    while strategy is not None and seen < 32:
+    seen: set[int] = set()
+    while strategy is not None and id(strategy) not in seen:
+        seen.add(id(strategy))
         yield strategy, num_nodes
-        shrink = getattr(strategy, "inner_num_nodes", None)
-        if callable(shrink):
-            num_nodes = int(shrink(num_nodes))
-        strategy = getattr(strategy, "strategy", None)
-        seen += 1
+        if isinstance(strategy, ShrinksReplies):
+            num_nodes = int(strategy.inner_num_nodes(num_nodes))
+        strategy = strategy.strategy if isinstance(strategy, Wraps) else None
+
+
+def replies_problems(strategy: object, num_nodes: int) -> list[str]:
+    """Return why `num_nodes` replies are too few for `strategy` (empty if not).
+
+    The strategy and every one it wraps, each with the replies it receives: the
+    rows of :data:`LIMITS` for its declared ``f``, and its own
+    ``setup_problems``.
+    """
+    problems: list[str] = []
+    for layer, n in _layers(strategy, num_nodes):
+        if isinstance(layer, HasSetupProblems):
+            problems.extend(layer.setup_problems(n))
+        limit = next((row for row in LIMITS if isinstance(layer, row.kind)), None)
+        if limit is not None and n < limit.min_nodes(_declared_f(layer)):
+            problems.append(
+                f"{type(layer).__name__} needs n >= {limit.formula} = "
+                f"{limit.min_nodes(_declared_f(layer))} nodes, got n = {n}"
+            )
+    return problems
 
 
 def check_setup(
@@ -86,11 +137,11 @@ def check_setup(
     """Return the reasons a configuration cannot be evaluated (empty if it can).
 
     Checks, for ``n = num_nodes`` replies with ``f = num_byzantine`` Byzantine, the
-    strategy and every strategy it wraps (through their ``strategy`` attribute):
-    the rows of :data:`LIMITS` (Bulyan needs ``n >= 4 f' + 3``, Krum and MultiKrum
+    strategy and every strategy it wraps (:class:`Wraps`): the rows of
+    :data:`LIMITS` (Bulyan needs ``n >= 4 f' + 3``, Krum and MultiKrum
     ``n >= 2 f' + 3``, with ``f'`` the strategy's declared ``num_malicious_nodes``),
-    each one's own ``setup_problems(n)``, and that ``z="max"`` has a non-negative
-    ``z_max`` for ``h = n - f`` and ``f``.
+    each one's own ``setup_problems(n)`` (:class:`HasSetupProblems`), and that
+    ``z="max"`` has a non-negative ``z_max`` for ``h = n - f`` and ``f``.
 
     Examples
     --------
@@ -98,17 +149,7 @@ def check_setup(
     >>> check_setup(Bulyan(num_malicious_nodes=2), num_nodes=10, num_byzantine=2)
     ['Bulyan needs n >= 4 * num_malicious_nodes + 3 = 11 nodes, got n = 10']
     """
-    problems: list[str] = []
-    for layer, n in _layers(strategy, num_nodes):
-        own = getattr(layer, "setup_problems", None)
-        if callable(own):
-            problems.extend(own(n))
-        limit = next((row for row in LIMITS if isinstance(layer, row.kind)), None)
-        if limit is not None and n < limit.min_nodes(_declared_f(layer)):
-            problems.append(
-                f"{type(layer).__name__} needs n >= {limit.formula} = "
-                f"{limit.min_nodes(_declared_f(layer))} nodes, got n = {n}"
-            )
+    problems = replies_problems(strategy, num_nodes)
     if z == "max" and num_byzantine > 0:
         try:
             z_max(num_nodes - num_byzantine, num_byzantine)

@@ -6,8 +6,10 @@ Flower carries a model as named arrays: an ``ArrayRecord`` in the Message API, a
 their position, ``"0"``, ``"1"``, ...). :func:`pack` flattens the floating-point
 layers of several updates, as differences from a reference model, into one
 ``(n, d)`` tensor and returns the :class:`PackSpec` that :func:`unpack` takes to turn
-a row back into layers. Non-floating layers (BatchNorm's ``num_batches_tracked``)
-are not packed. Nothing else in flwr-alie flattens or rebuilds records.
+a row back into the floating layers, the exact inverse: ``unpack(pack(...))``
+gives the packed arrays back, from the spec alone. Non-floating layers (BatchNorm's
+``num_batches_tracked``) are not packed; :func:`record_from_layers` keeps them from
+a base record. Nothing else in flwr-alie flattens or rebuilds records.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import functools
 import io
 import math
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -60,6 +63,9 @@ class PackSpec:
         not packed (not floating point).
     d : int
         Length of a packed row.
+    reference : Layers
+        The layers the rows are differences from (views, not copies): what
+        :func:`unpack` adds a row back to.
     """
 
     keys: tuple[str, ...]
@@ -67,6 +73,7 @@ class PackSpec:
     dtypes: tuple[np.dtype[np.generic], ...]
     offsets: tuple[int | None, ...]
     d: int
+    reference: Layers = dataclasses.field(repr=False, compare=False)
 
     @classmethod
     def of(cls, layers: Layers) -> PackSpec:
@@ -83,7 +90,9 @@ class PackSpec:
                 d += int(array.size)
             else:
                 offsets.append(None)
-        return cls(tuple(layers), tuple(shapes), tuple(dtypes), tuple(offsets), d)
+        return cls(
+            tuple(layers), tuple(shapes), tuple(dtypes), tuple(offsets), d, layers
+        )
 
     @property
     def packed_keys(self) -> tuple[str, ...]:
@@ -92,8 +101,13 @@ class PackSpec:
             k for k, o in zip(self.keys, self.offsets, strict=True) if o is not None
         )
 
-    def check(self, layers: Layers, who: str) -> None:
-        """Raise ``ValueError`` naming `who` and the key if `layers` does not fit."""
+    def check(self, layers: Layers, who: str, *, exact_dtypes: bool = False) -> None:
+        """Raise ``ValueError`` naming `who` and the key if `layers` does not fit.
+
+        The keys and shapes must be the reference's, and each dtype of its kind
+        (floating or not); with `exact_dtypes`, a floating layer's dtype must be
+        the reference's own (a float64 reply to a float32 model does not fit).
+        """
         if set(layers) != set(self.keys):
             missing = sorted(set(self.keys) - set(layers))
             extra = sorted(set(layers) - set(self.keys))
@@ -108,7 +122,10 @@ class PackSpec:
                     f"{who}: array {key!r} has shape {tuple(array.shape)}, the "
                     f"global model's has shape {shape}"
                 )
-            if (dtype.kind == "f") != (array.dtype.kind == "f"):
+            floating = dtype.kind == "f"
+            if floating != (array.dtype.kind == "f") or (
+                exact_dtypes and floating and array.dtype != dtype
+            ):
                 raise ValueError(
                     f"{who}: array {key!r} has dtype {array.dtype}, the global "
                     f"model's has dtype {dtype}"
@@ -166,9 +183,9 @@ def pack(
     >>> x, spec = pack([upd, upd], ref)
     >>> x.shape, spec.packed_keys
     (torch.Size([2, 4]), ('w',))
-    >>> unpack(x[0], spec, ref)["w"]
-    array([[1., 1.],
-           [1., 1.]], dtype=float32)
+    >>> unpack(x[0], spec)
+    {'w': array([[1., 1.],
+           [1., 1.]], dtype=float32)}
     """
     spec = PackSpec.of(reference)
     device = torch.device(device)
@@ -197,30 +214,25 @@ def pack(
     return out, spec
 
 
-def unpack(
-    row: Tensor, spec: PackSpec, reference: Layers, *, others: Layers | None = None
-) -> dict[str, NDArray[np.generic]]:
-    """Turn a packed row back into a whole layer set, the inverse of :func:`pack`.
+def unpack(row: Tensor, spec: PackSpec) -> dict[str, NDArray[np.generic]]:
+    """Turn a packed row back into the floating layers: the inverse of :func:`pack`.
 
-    Floating layers are ``reference + row``, each with the shape and dtype of the
-    reference's; the layers that were not packed (not floating point) are taken from
-    `others` (e.g. the reply being replaced, whose BatchNorm counters stay as the
-    node sent them), or from `reference` when `others` is ``None``. Keys come in the
-    order of `reference`.
+    Each packed layer is ``spec.reference[key] + row[segment]``, in the shape and
+    dtype of the reference's; the keys are :attr:`PackSpec.packed_keys`, in order,
+    and nothing else (the layers that were not packed belong to whatever record the
+    result goes into: :func:`record_from_layers` with ``base=``).
     """
     if row.shape != (spec.d,):
         raise ValueError(f"Expected `row` of shape ({spec.d},), got {tuple(row.shape)}")
-    source = reference if others is None else others
     row = row.detach().cpu()
     layers: dict[str, NDArray[np.generic]] = {}
     for key, shape, dtype, offset in zip(
         spec.keys, spec.shapes, spec.dtypes, spec.offsets, strict=True
     ):
         if offset is None:
-            layers[key] = source[key]
             continue
-        size = int(np.prod(shape, dtype=np.int64))
-        ref = _tensor(reference[key]).reshape(-1)
+        size = math.prod(shape)
+        ref = _tensor(spec.reference[key]).reshape(-1)
         acc = torch.promote_types(ref.dtype, row.dtype)
         value = ref.to(acc) + row[offset : offset + size].to(acc)
         layers[key] = value.numpy().astype(dtype, copy=False).reshape(shape)
@@ -283,13 +295,24 @@ def layers_from_record(record: ArrayRecord) -> dict[str, NDArray[np.generic]]:
     """Read an ``ArrayRecord`` into layers: read-only views of the record's bytes.
 
     The record is not changed; an array it holds in a form other than NumPy's
-    ``.npy`` bytes is read with ``Array.numpy()`` (a copy).
+    ``.npy`` bytes is read with ``Array.numpy()`` (a copy). Reading the record just
+    read again (the same object with the same ``Array`` objects, on the same
+    thread: a chain of wrappers each reading the round's global model) returns the
+    same views without reading it again.
     """
+    arrays = tuple(id(a) for a in record.values())
+    last = getattr(_last_read, "entry", None)
+    if last is not None and last[0] is record and last[1] == arrays:
+        return dict(last[2])
     layers = {}
     for key, array in record.items():
         view = npy_view(array.data)
         layers[key] = array.numpy() if view is None else view
-    return layers
+    _last_read.entry = (record, arrays, layers)
+    return dict(layers)
+
+
+_last_read = threading.local()
 
 
 def torch_views_of_record(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
 
-from flwr_alie import ALIEStrategy, check_setup
+from flwr_alie import ALIEConfig, ALIEStrategy, check_setup
 from flwr_alie.aggregators import geometric_median
 from flwr_alie.defenses import NNM, Bucketing, CenteredClipping, GeometricMedian
 from tests.flower_helpers import (
@@ -147,7 +147,9 @@ def test_bucketing_hands_inner_one_reply_per_bucket():
 
 def test_composition_with_the_attack_and_the_setup_checks():
     f, n = 1, 5
-    wrapper = ALIEStrategy(NNM(Krum(num_malicious_nodes=f), f=f), z=1.0, device="cpu")
+    wrapper = ALIEStrategy(
+        NNM(Krum(num_malicious_nodes=f), f=f), ALIEConfig(z=1.0, device="cpu")
+    )
     assert check_setup(wrapper, num_nodes=n, num_byzantine=f, z=1.0) == []
     assert check_setup(NNM(FedAvg(), f=5), num_nodes=5, num_byzantine=1, z=1.0) == [
         "NNM needs f < n, got f = 5 with n = 5"
@@ -178,7 +180,7 @@ def test_composition_with_the_attack_and_the_setup_checks():
             "`weighted` to be a bool, got 1",
         ),
         (lambda: NNM(FedAvg(), f=-1), ValueError, "`f` >= 0, got -1"),
-        (lambda: NNM("krum", f=1), TypeError, "`inner` to be a flwr.*got str"),
+        (lambda: NNM("krum", f=1), TypeError, "`strategy` to be a flwr.*got str"),
         (lambda: Bucketing(FedAvg(), s=0), ValueError, "`s` >= 1, got 0"),
     ],
 )

@@ -20,7 +20,13 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from flwr_alie import ALIELegacyStrategy, ALIEStrategy, Direction, check_setup
+from flwr_alie import (
+    ALIEConfig,
+    ALIELegacyStrategy,
+    ALIEStrategy,
+    Direction,
+    check_setup,
+)
 from flwr_alie.params import parameters_from_layers
 from tests.flower_helpers import (
     RecordingFedAvg,
@@ -87,7 +93,7 @@ def configured(wrapper, server_round=1):
 
 def test_golden_round_with_fedavg():
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     arrays, metrics = wrapper.aggregate_train(1, honest + byzantine)
 
@@ -130,7 +136,7 @@ def test_golden_round_with_fedavg():
 def test_z_max_and_directions(direction):
     inner = RecordingFedAvg()
     wrapper = configured(
-        ALIEStrategy(inner, z="max", direction=direction, device="cpu")
+        ALIEStrategy(inner, ALIEConfig(z="max", direction=direction, device="cpu"))
     )
     honest, byzantine = golden_round()
     _, metrics = wrapper.aggregate_train(1, honest + byzantine)
@@ -146,7 +152,7 @@ def test_reply_order_does_not_change_the_result():
     results = []
     for seed in range(4):
         inner = RecordingFedAvg()
-        wrapper = configured(ALIEStrategy(inner, z=1.5, device="cpu"))
+        wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.5, device="cpu")))
         honest, byzantine = golden_round()
         replies = honest + byzantine
         random.Random(seed).shuffle(replies)
@@ -158,7 +164,7 @@ def test_reply_order_does_not_change_the_result():
 
 
 def test_honest_replies_are_not_modified():
-    wrapper = configured(ALIEStrategy(FedAvg(), z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(FedAvg(), ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     before = [(sorted(m.content.keys()), layers_of(m)) for m in honest + byzantine]
     wrapper.aggregate_train(1, honest + byzantine)
@@ -170,7 +176,7 @@ def test_honest_replies_are_not_modified():
 
 def test_error_replies_pass_through_and_the_rest_are_attacked():
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     failed = error_reply(999)
     arrays, metrics = wrapper.aggregate_train(1, [failed, *honest, *byzantine])
@@ -183,7 +189,7 @@ def test_error_replies_pass_through_and_the_rest_are_attacked():
 
 def test_round_without_honest_replies_is_logged_and_survived(flwr_warnings):
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     _, byzantine = golden_round()
     arrays, metrics = wrapper.aggregate_train(1, byzantine)
     assert metrics["alie.attacked"] == 0
@@ -198,7 +204,7 @@ def test_round_without_honest_replies_is_logged_and_survived(flwr_warnings):
 def test_expected_byzantine_partitions_that_do_not_reply_are_named(flwr_warnings):
     inner = RecordingFedAvg()
     wrapper = configured(
-        ALIEStrategy(inner, z=1.0, device="cpu", byzantine_ids=[3, 4, 7])
+        ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu", byzantine_ids=(3, 4, 7)))
     )
     honest, byzantine = golden_round()  # Byzantine partitions 3 and 4 reply
     _, metrics = wrapper.aggregate_train(1, honest + byzantine)
@@ -212,7 +218,7 @@ def test_expected_byzantine_partitions_that_do_not_reply_are_named(flwr_warnings
 
 def test_z_max_without_a_valid_factor_is_logged_and_survived(flwr_warnings):
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z="max", device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z="max", device="cpu")))
     honest, byzantine = golden_round()
     more_honest = [
         train_reply(
@@ -229,7 +235,7 @@ def test_z_max_without_a_valid_factor_is_logged_and_survived(flwr_warnings):
 
 def test_mismatched_arrays_name_the_node_and_key(flwr_warnings):
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     honest[1] = train_reply(
         101,
@@ -256,7 +262,7 @@ def test_non_finite_honest_updates_are_named_and_left_out_of_the_statistics(
     flwr_warnings,
 ):
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     honest[2] = train_reply(
         102,
@@ -282,7 +288,7 @@ def test_non_finite_honest_updates_are_named_and_left_out_of_the_statistics(
 
 def test_a_round_without_finite_statistics_goes_on_unattacked(flwr_warnings):
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     honest = [
         train_reply(
@@ -302,7 +308,7 @@ def test_a_round_without_finite_statistics_goes_on_unattacked(flwr_warnings):
 
 def test_every_round_says_why_it_was_or_was_not_attacked():
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     assert wrapper.aggregate_train(1, honest + byzantine)[1]["alie.skip-reason"] == 0
     configured(wrapper, server_round=2)
@@ -315,7 +321,7 @@ def test_every_round_says_why_it_was_or_was_not_attacked():
 
 def test_untagged_round_is_passed_through_unchanged():
     inner = RecordingFedAvg()
-    wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
     replies = [train_reply(i, layers(w), 10) for i, w in enumerate(HONEST)]
     arrays, metrics = wrapper.aggregate_train(1, replies)
     assert metrics["alie.num-byzantine"] == 0
@@ -323,7 +329,9 @@ def test_untagged_round_is_passed_through_unchanged():
 
 
 def test_attack_needs_the_global_model_of_the_round(flwr_warnings):
-    wrapper = configured(ALIEStrategy(RecordingFedAvg(), z=1.0, device="cpu"), 1)
+    wrapper = configured(
+        ALIEStrategy(RecordingFedAvg(), ALIEConfig(z=1.0, device="cpu")), 1
+    )
     honest, byzantine = golden_round()
     _, metrics = wrapper.aggregate_train(2, honest + byzantine)
     assert metrics["alie.attacked"] == 0
@@ -343,7 +351,7 @@ def test_krum_selects_the_crafted_update():
         )
         for j in range(2)
     ]
-    wrapper = ALIEStrategy(Krum(num_malicious_nodes=2), z=0.5, device="cpu")
+    wrapper = ALIEStrategy(Krum(num_malicious_nodes=2), ALIEConfig(z=0.5, device="cpu"))
     wrapper.configure_train(
         1, record({"w": global_w}), ConfigRecord(), StubGrid(range(10))
     )
@@ -365,7 +373,7 @@ def test_krum_selects_the_crafted_update():
     ],
 )
 def test_robust_strategies_that_consume_replies_still_aggregate(make):
-    wrapper = configured(ALIEStrategy(make(), z=1.0, device="cpu"))
+    wrapper = configured(ALIEStrategy(make(), ALIEConfig(z=1.0, device="cpu")))
     honest, byzantine = golden_round()
     arrays, metrics = wrapper.aggregate_train(1, honest + byzantine)
     assert arrays is not None
@@ -382,7 +390,9 @@ def test_summary_logs_settings_then_the_inner_summary(caplog):
     handler.emit = records.append  # type: ignore[method-assign]
     logging.getLogger("flwr").addHandler(handler)
     try:
-        ALIEStrategy(Krum(num_malicious_nodes=2), z=1.5, device="cpu").summary()
+        ALIEStrategy(
+            Krum(num_malicious_nodes=2), ALIEConfig(z=1.5, device="cpu")
+        ).summary()
     finally:
         logging.getLogger("flwr").removeHandler(handler)
     text = [r.getMessage() for r in records]
@@ -404,7 +414,12 @@ def test_summary_logs_settings_then_the_inner_summary(caplog):
 )
 def test_bad_wrapper_options(kwargs, error, match):
     with pytest.raises(error, match=match):
-        ALIEStrategy(FedAvg(), **kwargs)
+        ALIEStrategy(FedAvg(), ALIEConfig(**kwargs))
+
+
+def test_the_options_are_one_object():
+    with pytest.raises(TypeError, match=r"`config` to be an ALIEConfig, got dict"):
+        ALIEStrategy(FedAvg(), {"z": 1.0})
 
 
 def test_wrappers_refuse_the_other_api():
@@ -447,8 +462,8 @@ def fitres(w, n, **tags):
 
 def test_legacy_golden_round():
     inner = _RecordingLegacyFedAvg()
-    wrapper = ALIELegacyStrategy(inner, z=1.0, device="cpu")
-    wrapper.engine.remember(1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
+    wrapper = ALIELegacyStrategy(inner, ALIEConfig(z=1.0, device="cpu"))
+    _remembered(wrapper, 1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
     results = [(_Proxy(str(i)), fitres(w, 10)) for i, w in enumerate(HONEST)]
     results += [
         (
@@ -502,8 +517,8 @@ def test_legacy_golden_round():
 def test_legacy_robust_strategies_aggregate_the_crafted_updates(make, expected):
     from flwr.common import parameters_to_ndarrays
 
-    wrapper = ALIELegacyStrategy(make(), z=1.0, device="cpu")
-    wrapper.engine.remember(1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
+    wrapper = ALIELegacyStrategy(make(), ALIEConfig(z=1.0, device="cpu"))
+    _remembered(wrapper, 1, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
     results = [(_Proxy(str(i)), fitres(w, 10)) for i, w in enumerate(HONEST)]
     results += [
         (
@@ -520,18 +535,28 @@ def test_legacy_robust_strategies_aggregate_the_crafted_updates(make, expected):
         assert w[0] == pytest.approx(expected(c), rel=1e-6)
 
 
-def test_legacy_configure_fit_remembers_the_global_model():
+def _remembered(wrapper, server_round, global_layers):
+    """Let `wrapper` see the round's global model, as configure_fit shows it."""
     from flwr.server.client_manager import SimpleClientManager
 
     manager = SimpleClientManager()
     for cid in ("a", "b"):
         manager.register(_Proxy(cid))
-    wrapper = ALIELegacyStrategy(LegacyFedAvg(), z=1.0, device="cpu")
-    global_parameters = parameters_from_layers(layers([1.0, 2.0]))
-    instructions = wrapper.configure_fit(3, global_parameters, manager)
+    parameters = parameters_from_layers(global_layers)
+    return wrapper.configure_fit(server_round, parameters, manager)
+
+
+def test_legacy_configure_fit_remembers_the_global_model():
+    wrapper = ALIELegacyStrategy(LegacyFedAvg(), ALIEConfig(z=1.0, device="cpu"))
+    instructions = _remembered(wrapper, 3, {"0": GLOBAL["w"], "1": GLOBAL["steps"]})
     assert sorted(proxy.cid for proxy, _ in instructions) == ["a", "b"]
-    assert wrapper.engine.global_for(2) is None
-    np.testing.assert_array_equal(wrapper.engine.global_for(3)["0"], [1.0, 2.0])
+    results = [(_Proxy(str(i)), fitres(w, 10)) for i, w in enumerate(HONEST)]
+    byzantine = fitres(HONEST[0], 10, byzantine=True, **{"partition-id": 9})
+    results.append((_Proxy("9"), byzantine))
+    _, other_round = wrapper.aggregate_fit(2, results, [])
+    assert other_round["alie.skip-reason"] == 2  # no global model of round 2
+    _, this_round = wrapper.aggregate_fit(3, results, [])
+    assert this_round["alie.attacked"] == 1
 
 
 # ------------------------------------------------------------------ setup checks
@@ -570,25 +595,19 @@ def test_check_setup(strategy, n, f, expected):
         assert problem.startswith(start)
 
 
-def test_the_round_runs_on_one_thread_and_restores_torch_setting(monkeypatch):
+def test_a_round_leaves_torchs_threads_as_the_caller_set_them():
+    # a library call changes no process-wide setting: a ServerApp that shares its
+    # cores with clients sets torch.set_num_threads(1) itself (the evaluation does)
     import torch
 
-    seen = []
-    real = __import__("flwr_alie.attacks.stats", fromlist=["moments"]).moments
-
-    def spy(x, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(x, **kwargs)
-
-    monkeypatch.setattr("flwr_alie.engine.moments", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         inner = RecordingFedAvg()
-        wrapper = configured(ALIEStrategy(inner, z=1.0, device="cpu"))
+        wrapper = configured(ALIEStrategy(inner, ALIEConfig(z=1.0, device="cpu")))
         honest, byzantine = golden_round()
-        wrapper.aggregate_train(1, honest + byzantine)
-        assert seen == [1]
+        _, metrics = wrapper.aggregate_train(1, honest + byzantine)
+        assert metrics["alie.attacked"] == 1
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from flwr_alie._checks import refuse_bad_rows
+
 # Bytes of one column block in the accumulation dtype: small enough to stay in the
 # CPU's caches while several operations run on it; elsewhere it bounds temporaries.
 _CPU_BLOCK_BYTES = 4 << 20
@@ -24,11 +26,16 @@ def column_blocks(x: Tensor, acc: torch.dtype) -> Iterator[tuple[int, Tensor]]:
 
 
 def row_sq_distances(x: Tensor, center: Tensor, acc: torch.dtype) -> Tensor:
-    """``||x_i - center||^2`` for every row, exact differences (no Gram identity)."""
+    """``||x_i - center||^2`` for every row, exact differences (no Gram identity).
+
+    ``ValueError`` naming the rows whose distance is not finite (NaN, inf, or an
+    overflow): an aggregate of them would be too.
+    """
     out = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     for start, block in column_blocks(x, acc):
         diff = block - center[start : start + block.shape[1]]
         out += diff.square_().sum(1)
+    refuse_bad_rows(x, out)
     return out
 
 

@@ -11,18 +11,46 @@ import math
 import torch
 from torch import Tensor
 
-from flwr_alie.aggregators._checks import accumulation_dtype, check_count, check_matrix
+from flwr_alie._checks import (
+    accumulation_dtype,
+    check_count,
+    check_matrix,
+    refuse_bad_rows,
+)
 
-__all__ = ["bucketing"]
+__all__ = ["bucket_permutation", "bucketing"]
+
+
+def bucket_permutation(n: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Return the random order in which :func:`bucketing` fills its buckets.
+
+    ``torch.randperm(n, generator=generator, device="cpu")``: row ``perm[j]``
+    goes to bucket ``j // s``. A caller that needs to know which rows share a
+    bucket draws it here and passes it to :func:`bucketing`.
+    """
+    n = check_count(n, "n", low=1)
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+    ):
+        raise TypeError(
+            f"Expected `generator` to be a CPU torch.Generator, got {generator!r}"
+        )
+    return torch.randperm(n, generator=generator, device="cpu")
 
 
 def bucketing(
-    x: Tensor, /, *, s: int, generator: torch.Generator | None = None
+    x: Tensor,
+    /,
+    *,
+    s: int,
+    generator: torch.Generator | None = None,
+    permutation: Tensor | None = None,
 ) -> Tensor:
     """Return the means of random buckets of `s` rows, in bucket order.
 
-    ``perm = torch.randperm(n, generator=generator, device="cpu")``; bucket ``k``
-    holds rows ``perm[k*s : (k+1)*s]`` (the last one may be smaller).
+    Bucket ``k`` holds rows ``perm[k*s : (k+1)*s]`` (the last one may be
+    smaller), with ``perm`` = `permutation`, or
+    :func:`bucket_permutation` drawn from `generator`.
 
     Parameters
     ----------
@@ -33,12 +61,22 @@ def bucketing(
         the mean.
     generator : torch.Generator, optional
         A CPU generator; ``None`` uses torch's global generator.
+    permutation : Tensor, optional
+        The order to fill the buckets in, a permutation of ``range(n)`` (then
+        `generator` is not used).
 
     Returns
     -------
     Tensor
         ``(ceil(n / s), d)``, in the dtype and on the device of `x`: each row of
         `x` is added once into its bucket (one read of `x`), then divided.
+
+    Raises
+    ------
+    ValueError
+        If `permutation` is not one of ``range(n)``; or naming the rows that hold
+        NaN or inf, or values whose squares overflow (the means would not be
+        finite, or their distances, which the strategy after bucketing takes).
 
     Examples
     --------
@@ -49,15 +87,17 @@ def bucketing(
     """
     x = check_matrix(x)
     s = check_count(s, "s", low=1)
-    if generator is not None and (
-        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
-    ):
-        raise TypeError(
-            f"Expected `generator` to be a CPU torch.Generator, got {generator!r}"
-        )
     n = x.shape[0]
+    if permutation is None:
+        perm = bucket_permutation(n, generator=generator)
+    else:
+        perm = permutation.to("cpu")
+        if perm.shape != (n,) or not torch.equal(perm.sort().values, torch.arange(n)):
+            raise ValueError(
+                f"Expected `permutation` to be a permutation of range({n}), got "
+                f"{permutation.tolist()}"
+            )
     acc = accumulation_dtype(x.dtype)
-    perm = torch.randperm(n, generator=generator, device="cpu")
     buckets = math.ceil(n / s)
     # row perm[j] goes to bucket j // s: each row is added once into its bucket
     of_row = torch.empty(n, dtype=torch.long)
@@ -67,4 +107,5 @@ def bucketing(
     out = torch.zeros((buckets, x.shape[1]), dtype=acc, device=x.device)
     out.index_add_(0, of_row.to(x.device), work)
     out /= sizes.to(x.device).unsqueeze(1)
+    refuse_bad_rows(x, out.square().sum(dim=1))  # one (k, d) read of the means
     return out.to(x.dtype)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flwr_alie.aggregators._blocks import row_sq_distances, weighted_diff_sum
-from flwr_alie.aggregators._checks import (
+from flwr_alie._checks import (
     accumulation_dtype,
     check_count,
     check_matrix,
     check_real,
 )
+from flwr_alie.aggregators._blocks import row_sq_distances, weighted_diff_sum
 
 __all__ = ["geometric_median"]
 
@@ -62,6 +62,13 @@ def geometric_median(
     -------
     Tensor
         ``(d,)``, in the dtype and on the device of `x`.
+
+    Raises
+    ------
+    ValueError
+        Naming the rows that hold NaN or inf, or values whose squared distances
+        overflow the accumulation dtype: the aggregate would not be finite. The
+        strategies of :mod:`flwr_alie.defenses` set such rows aside first.
 
     Notes
     -----

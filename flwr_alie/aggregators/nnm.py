@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flwr_alie._checks import (
+    accumulation_dtype,
+    check_count,
+    check_matrix,
+    refuse_bad_rows,
+)
 from flwr_alie.aggregators._blocks import column_blocks
-from flwr_alie.aggregators._checks import accumulation_dtype, check_count, check_matrix
 
 __all__ = ["nearest_neighbor_mixing", "pairwise_sq_distances"]
 
@@ -31,6 +36,12 @@ def pairwise_sq_distances(x: Tensor, /) -> Tensor:
     Tensor
         ``(n, n)`` float64 on the device of `x`, symmetric, zero diagonal,
         non-negative.
+
+    Raises
+    ------
+    ValueError
+        Naming the rows that hold NaN or inf, or values whose squares overflow the
+        accumulation dtype.
     """
     x = check_matrix(x)
     n = x.shape[0]
@@ -41,6 +52,7 @@ def pairwise_sq_distances(x: Tensor, /) -> Tensor:
         centred = block - torch.mm(mean, block)
         gram += torch.mm(centred, centred.T).to(torch.float64)
     diag = gram.diagonal()
+    refuse_bad_rows(x, diag)  # a NaN, inf or overflowing row: no distance is right
     distances = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * gram).clamp_(min=0)
     distances.fill_diagonal_(0)
     return distances

@@ -19,9 +19,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from flwr_alie.attacks._checks import as_matrix, check_count, check_out, describe_honest
+from flwr_alie._checks import (
+    accumulation_dtype,
+    as_matrix,
+    check_count,
+    check_out,
+    describe_honest,
+)
 from flwr_alie.attacks.base import Attack, Direction
-from flwr_alie.attacks.stats import accumulation_dtype, moments
+from flwr_alie.attacks.stats import moments
 
 __all__ = ["ALIEAttack", "alie_vector", "check_z", "z_max"]
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "moments"]
+from flwr_alie._checks import accumulation_dtype
+
+__all__ = ["moments"]
 
 # Bytes of one column block, in the accumulation dtype. On the CPU a block stays in
 # the caches (2 MiB of L2 per core here) while both moments are taken from it, so the
 # input is read once from memory; elsewhere a block only bounds the temporary memory.
 _CPU_BLOCK_BYTES = 4 << 20
 _DEVICE_BLOCK_BYTES = 256 << 20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype reductions of `dtype` run in: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def moments(

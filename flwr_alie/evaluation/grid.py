@@ -15,14 +15,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from flwr.serverapp.strategy import Strategy
+
 from flwr_alie.attacks import Direction
-from flwr_alie.config import ALIEConfig, Knowledge
-from flwr_alie.evaluation.strategies import spec
+from flwr_alie.config import ALIEConfig, Knowledge, draw_byzantine
+from flwr_alie.evaluation.strategies import DefenceOptions, spec
 
 __all__ = [
     "Cell",
@@ -47,7 +48,7 @@ class Cell:
     (FedAvg-style); ``steps = K > 0`` takes K local SGD steps on minibatches
     instead (FedSGD-style, the ALIE paper's with ``K = 1``), with worker momentum
     `worker_momentum`. The server applies `server_lr` and `server_momentum` to
-    the aggregate's update (:class:`flwr_alie.optim.ServerMomentum`; the default
+    the aggregate's update (:class:`flwr_alie.momentum.ServerMomentum`; the default
     1 and 0 leave the aggregate as it is). ``vectorised`` runs the FedSGD steps of
     a block's clients in one vectorised pass rather than one after the other
     (equal up to rounding, :func:`flwr_alie.evaluation.task.run_steps_vectorised`),
@@ -80,6 +81,9 @@ class Cell:
     server_momentum: float = 0.0
     vectorised: bool = False
     device: str = "cpu"
+    cc_tau: float = 1.0
+    cc_iterations: int = 1
+    geomed_iterations: int = 100
     block_size: int = 0
 
     @property
@@ -123,25 +127,45 @@ class Cell:
         """Return the clean FedAvg cell of the same split and seed."""
         return dataclasses.replace(self.reference(), strategy="fedavg", declared=0)
 
+    def defence_options(self) -> DefenceOptions:
+        """Return the parameters of flwr-alie's defences in this cell."""
+        return DefenceOptions(
+            cc_tau=self.cc_tau,
+            cc_iterations=self.cc_iterations,
+            geomed_iterations=self.geomed_iterations,
+        )
+
+    def strategy_object(self) -> Strategy:
+        """Build the cell's strategy, configured for its declared Byzantine nodes."""
+        from flwr_alie.evaluation.strategies import make_strategy
+
+        return make_strategy(
+            self.strategy,
+            num_nodes=self.clients,
+            num_byzantine=self.declared,
+            options=self.defence_options(),
+        )
+
     def alie_config(self) -> ALIEConfig:
-        """Return the attack options of the cell (no Byzantine node when clean)."""
+        """Return the attack options of the cell (no Byzantine node when clean).
+
+        The attack runs on the ServerApp's CPU: the evaluation's models are small.
+        """
         return ALIEConfig(
             z="max" if self.z is None else self.z,
             direction=Direction(self.direction or Direction.NEGATIVE.value),
             knowledge=self.knowledge or "oracle",
             byzantine_ids=self.byzantine_ids,
             seed=self.seed,
+            device="cpu",
         )
 
     def problems(self) -> list[str]:
         """Why the cell cannot run (empty if it can); no strategy is built."""
-        from flwr_alie.evaluation.strategies import make_strategy
         from flwr_alie.limits import check_setup
 
         f = len(self.byzantine_ids)
-        inner = make_strategy(
-            self.strategy, num_nodes=self.clients, num_byzantine=self.declared
-        )
+        inner = self.strategy_object()
         z = self.z if self.z is not None else 0.0
         return check_setup(inner, num_nodes=self.clients, num_byzantine=f, z=z)
 
@@ -174,17 +198,17 @@ def count_for(fraction: float, clients: int) -> int:
 
 
 def byzantine_ids(seed: int, clients: int, count: int) -> tuple[int, ...]:
-    """Return a seed's Byzantine partitions: the first `count` of a permutation.
+    """Return a seed's Byzantine partitions (:func:`flwr_alie.config.draw_byzantine`).
 
-    Nested across counts: the 2 Byzantine clients of a seed are among its 4.
+    Nested across counts: the 2 Byzantine clients of a seed are among its 4, and
+    the same as ``alie.fraction`` picks in a user's app for that seed.
 
     Examples
     --------
     >>> set(byzantine_ids(0, 20, 2)) <= set(byzantine_ids(0, 20, 4))
     True
     """
-    order = random.Random(seed).sample(range(clients), clients)
-    return tuple(sorted(order[:count]))
+    return draw_byzantine(clients, count, seed)
 
 
 def build_grid(

@@ -38,7 +38,6 @@ from flwr_alie.evaluation.flower_patches import (
 )
 from flwr_alie.evaluation.grid import Cell, load_cells
 from flwr_alie.evaluation.nodes import BlockGrid, NodeSlots, wait_for_nodes
-from flwr_alie.evaluation.strategies import make_strategy
 from flwr_alie.evaluation.task import evaluate, load_data, make_model
 from flwr_alie.evaluation.wire import (
     ROW_ACCURACY,
@@ -53,7 +52,7 @@ from flwr_alie.evaluation.wire import (
     TaskOptions,
     row_columns,
 )
-from flwr_alie.optim import ServerMomentum
+from flwr_alie.momentum import ServerMomentum
 from flwr_alie.strategy import ALIEStrategy
 
 __all__ = ["PROGRESS_TAG", "app"]
@@ -159,22 +158,11 @@ def _run_cell(cell: Cell, grid: Grid, slots: NodeSlots, output: _Output) -> str:
             }
         )
         return STATUS_INVALID
-    inner = make_strategy(
-        cell.strategy, num_nodes=cell.clients, num_byzantine=cell.declared
-    )
+    inner = cell.strategy_object()
     if (cell.server_lr, cell.server_momentum) != (1.0, 0.0):
         inner = ServerMomentum(inner, lr=cell.server_lr, momentum=cell.server_momentum)
-    alie = cell.alie_config()
-    strategy = _Recorder(
-        ALIEStrategy(
-            inner,
-            z=alie.z,
-            direction=alie.direction,
-            knowledge=alie.knowledge,
-            device="cpu",
-            byzantine_ids=cell.byzantine_ids,
-        )
-    )
+    alie = cell.alie_config()  # the cell's options, built once: server and clients
+    strategy = _Recorder(ALIEStrategy(inner, alie))
     data = load_data(cell.dataset, cell.clients, cell.split, cell.alpha, cell.seed)  # type: ignore[arg-type]
     model = make_model(
         data.num_features,

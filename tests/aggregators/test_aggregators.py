@@ -313,7 +313,7 @@ X = torch.randn(4, 3)
         (
             lambda: centered_clipping(X, center=X[0], tau=1, iterations=1.0),
             TypeError,
-            "`iterations` to be an int, got 1.0",
+            "`iterations` to be an integer >= 1, got 1.0",
         ),
         (lambda: geometric_median(X, nu=0), ValueError, "finite `nu` > 0, got 0.0"),
         (
@@ -351,7 +351,7 @@ X = torch.randn(4, 3)
         (
             lambda: nearest_neighbor_mixing(X, f=False),
             TypeError,
-            "`f` to be an int, got False",
+            "`f` to be a non-negative integer, got False",
         ),
         (lambda: bucketing(X, s=0), ValueError, "`s` >= 1, got 0"),
         (

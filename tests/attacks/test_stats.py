@@ -142,11 +142,14 @@ def _imported_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_the_core_imports_neither_flower_nor_numpy():
-    modules = _imported_after("import flwr_alie.attacks")
+@pytest.mark.parametrize("package", ["attacks", "aggregators"])
+def test_the_core_imports_neither_flower_nor_numpy(package):
+    modules = _imported_after(f"import flwr_alie.{package}")
     assert not any(m == "flwr" or m.startswith("flwr.") for m in modules)
     assert "numpy" not in modules or "torch" in modules  # torch itself may load it
-    assert not any(m.startswith("flwr_alie.") and "attacks" not in m for m in modules)
+    # within flwr-alie: the torch core only (the package imports attacks at once)
+    others = {m for m in modules if m.startswith("flwr_alie.") and package not in m}
+    assert all(m == "flwr_alie._checks" or ".attacks" in m for m in others), others
 
 
 def test_the_legacy_api_is_one_deletable_module():

@@ -72,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(
             "This configuration cannot be evaluated: " + "; ".join(problems)
         )
-    strategy = ALIEStrategy.from_config(inner, alie, num_nodes=num_nodes)
+    strategy = ALIEStrategy(inner, alie, num_nodes=num_nodes)
     if (
         alie.z == "max"
         and num_byzantine

@@ -1,7 +1,11 @@
-"""Argument checks shared by the attacks: one place for every message they raise."""
+"""Argument checks of the torch core (attacks and aggregators): every message once.
+
+Torch only: nothing here imports Flower or NumPy.
+"""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -9,7 +13,94 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["HonestInfo", "as_matrix", "check_count", "check_out", "describe_honest"]
+__all__ = [
+    "HonestInfo",
+    "accumulation_dtype",
+    "as_matrix",
+    "check_count",
+    "check_matrix",
+    "check_out",
+    "check_real",
+    "describe_honest",
+    "refuse_bad_rows",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 are computed in float32; float32 and float64 as they are."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_matrix(x: object) -> Tensor:
+    """Return `x`, checked to be a floating ``(n, d)`` tensor with ``n >= 1``."""
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        kind = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"Expected `x` to be a floating-point torch.Tensor, got {kind}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(
+            f"Expected `x` of shape (n, d) with n >= 1, got {tuple(x.shape)}"
+        )
+    return x
+
+
+def refuse_bad_rows(x: Tensor, per_row: Tensor) -> None:
+    """Raise ``ValueError`` naming the rows of `x` if `per_row` is not all finite.
+
+    `per_row` is what an aggregator computed anyway (squared norms, distances, or
+    its result's): when a row of `x` holds NaN or inf, or values so large that
+    their squares overflow the accumulation dtype (beyond ``sqrt(max) / 2``), it
+    is not finite. Nothing more is read unless so.
+    """
+    if bool(torch.isfinite(per_row).all()):
+        return
+    acc = accumulation_dtype(x.dtype)
+    largest = x.abs().to(acc).amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
+    finite = torch.isfinite(largest).tolist()
+    limit = math.sqrt(torch.finfo(acc).max) / 2
+    broken = [i for i, ok in enumerate(finite) if not ok]
+    large = [i for i, v in enumerate(largest.tolist()) if finite[i] and v > limit]
+    parts = []
+    if broken:
+        parts.append(f"rows {broken} hold NaN or inf")
+    if large:
+        top = float(largest[large].max())
+        parts.append(
+            f"rows {large} hold values up to {top:.3g}: their squares overflow"
+        )
+    raise ValueError(
+        f"Expected finite rows of `x` whose squared norms fit in {acc}; "
+        f"{'; '.join(parts) or 'their sums overflow'}; set such rows aside (the "
+        "strategies of flwr_alie.defenses do)"
+    )
+
+
+def check_count(
+    value: object, name: str, *, low: int = 0, high: int | None = None
+) -> int:
+    """Return `value` as an int in ``[low, high]``; `name` is its argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        raise TypeError(
+            f"Expected `{name}` to be {kind}, got {value!r} ({type(value).__name__})"
+        )
+    count = int(value)
+    if count < low or (high is not None and count > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"Expected `{name}` {bound}, got {count}")
+    return count
+
+
+def check_real(value: object, name: str, *, positive: bool) -> float:
+    """Return `value` as a finite float, ``> 0`` (or ``>= 0``); `name` its argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Expected `{name}` to be a real number, got {value!r}")
+    number = float(value)
+    ok = math.isfinite(number) and (number > 0 if positive else number >= 0)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"Expected a finite `{name}` {bound}, got {number}")
+    return number
+
 
 HonestGradients = Tensor | Sequence[Tensor]
 
@@ -102,19 +193,6 @@ def as_matrix(honest_gradients: HonestGradients) -> tuple[Tensor, HonestInfo]:
     if isinstance(honest_gradients, Tensor):
         return honest_gradients, info
     return torch.stack(list(honest_gradients)), info
-
-
-def check_count(value: object, name: str) -> int:
-    """Return `value` as a non-negative ``int``; `name` is the argument it came from."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Expected `{name}` to be a non-negative integer, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    count = int(value)
-    if count < 0:
-        raise ValueError(f"Expected `{name}` >= 0, got {count}")
-    return count
 
 
 def check_out(out: object, f: int, info: HonestInfo, inputs: HonestGradients) -> Tensor:

@@ -3,8 +3,8 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
-from flwr_alie import ALIEStrategy
-from flwr_alie.optim import ServerMomentum
+from flwr_alie import ALIEConfig, ALIEStrategy
+from flwr_alie.momentum import ServerMomentum
 from tests.flower_helpers import StubGrid, record, train_reply
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -47,7 +47,9 @@ def test_unit_rate_without_momentum_is_the_inner_aggregate():
 
 
 def test_composes_under_the_attack():
-    wrapper = ALIEStrategy(ServerMomentum(FedAvg(), lr=0.5), z=1.0, device="cpu")
+    wrapper = ALIEStrategy(
+        ServerMomentum(FedAvg(), lr=0.5), ALIEConfig(z=1.0, device="cpu")
+    )
     assert repr(wrapper).startswith("ALIEStrategy(ServerMomentum(FedAvg(...)")
 
 

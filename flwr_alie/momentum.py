@@ -13,8 +13,8 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from flwr_alie._wrapping import StrategyWrapper
-from flwr_alie.aggregators._checks import check_real
+from flwr_alie._checks import check_real
+from flwr_alie._wrapping import StrategyWrapper, describe
 from flwr_alie.params import (
     layers_from_record,
     pack_aggregate,
@@ -26,7 +26,7 @@ __all__ = ["ServerMomentum"]
 
 
 class ServerMomentum(StrategyWrapper):
-    r"""Apply a learning rate and momentum to the update `inner` aggregates.
+    r"""Apply a learning rate and momentum to the update `strategy` aggregates.
 
     With :math:`w_t` the round's global model and :math:`a_t` the inner strategy's
     aggregate, the update is :math:`u_t = a_t - w_t` (floating arrays), and
@@ -43,7 +43,7 @@ class ServerMomentum(StrategyWrapper):
 
     Parameters
     ----------
-    inner : Strategy
+    strategy : Strategy
         Any Message-API strategy: Flower's, a defence, a user's own. Wrap the
         result in :class:`flwr_alie.ALIEStrategy` to attack it.
     lr : float
@@ -59,37 +59,34 @@ class ServerMomentum(StrategyWrapper):
     """
 
     def __init__(
-        self, inner: Strategy, *, lr: float = 1.0, momentum: float = 0.0
+        self, strategy: Strategy, *, lr: float = 1.0, momentum: float = 0.0
     ) -> None:
-        super().__init__(inner)
+        super().__init__(strategy)
         self.lr = check_real(lr, "lr", positive=True)
         self.momentum = check_real(momentum, "momentum", positive=False)
         self._buffer: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        """Name the inner strategy and the options."""
-        inner = type(self.strategy).__name__
-        return f"ServerMomentum({inner}(...), lr={self.lr}, momentum={self.momentum})"
+        """Name the wrapped strategy and the options."""
+        inner = describe(self.strategy)
+        return f"ServerMomentum({inner}, lr={self.lr}, momentum={self.momentum})"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate with `inner`, then step with momentum from the global model."""
+        """Aggregate with `strategy`, then step with momentum from the global model."""
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        global_layers = self._global_for(server_round)
+        global_layers = self.round_model.layers(server_round)
         if arrays is None or global_layers is None:
             return arrays, metrics
         update, spec = pack_aggregate(layers_from_record(arrays), global_layers)
         if self._buffer is None or self._buffer.shape != update.shape:
             self._buffer = torch.zeros_like(update)
         self._buffer.mul_(self.momentum).add_(update)
-        stepped = unpack(self._buffer * self.lr, spec, global_layers)
+        stepped = unpack(self._buffer * self.lr, spec)
         merged = MetricRecord(dict(metrics or {}))
         merged["server.update-norm"] = float(torch.linalg.vector_norm(update))
         merged["server.step-norm"] = float(
             torch.linalg.vector_norm(self._buffer) * self.lr
         )
-        result = record_from_layers(
-            {k: stepped[k] for k in spec.packed_keys}, base=arrays
-        )
-        return result, merged
+        return record_from_layers(stepped, base=arrays), merged
