@@ -10,8 +10,9 @@ results folder from its ``results.jsonl`` alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
-import json
+import logging
 import math
 import os
 import re
@@ -19,26 +20,43 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Literal
 
 from flwr_alie.attacks import check_z
-from flwr_alie.evaluation.grid import Cell, build_grid, load_cells, save_cells
+from flwr_alie.evaluation.folder import (
+    ACCURACY_PLOT,
+    EFFECT_PLOT,
+    RESULTS,
+    TABLE,
+    TEMP_PREFIX,
+    FolderError,
+    FolderLock,
+    check_writable,
+    claim_temporary,
+    prepare,
+    remove_stale_temporaries,
+    run_options,
+)
+from flwr_alie.evaluation.grid import Cell, build_grid, save_cells
 from flwr_alie.evaluation.presets import PRESETS
-from flwr_alie.evaluation.strategies import DEFENCES, FLOWER_STRATEGIES, STRATEGIES
-from flwr_alie.evaluation.task import MODELS
+from flwr_alie.evaluation.strategies import (
+    DEFAULT_STRATEGIES,
+    DEFENCES,
+    FLOWER_STRATEGIES,
+    STRATEGIES,
+)
+from flwr_alie.evaluation.task import MODELS, SPLITS
 
 __all__ = ["build_parser", "main", "parse"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PROGRESS_TAG = "[flwr-alie]"  # what the ServerApp prefixes its progress lines with
-_EXTRA = ("sklearn", "matplotlib", "flwr_datasets", "ray", "scipy")
+_EXTRA = ("sklearn", "matplotlib", "flwr_datasets", "ray", "scipy", "mlxtend")
 _MAX_SUPERNODES = 200
-RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "table.md"
-ACCURACY_PLOT, EFFECT_PLOT = "accuracy.png", "effect.png"
 
 
 class _StoppedError(Exception):
@@ -115,8 +133,13 @@ def _momentum(value: str) -> float:
 def _z(value: str) -> float | Literal["max"]:
     if value == "max":
         return "max"
+    number = _as_float(value)
+    if math.isnan(number):
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 or 'max' (z_max of each round), got {value!r}"
+        )
     try:
-        z = check_z(float(value))
+        z = check_z(number)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{err}, got {value!r}") from None
     assert z is not None
@@ -165,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         nargs="+",
         choices=STRATEGIES,
-        default=list(FLOWER_STRATEGIES),
+        default=list(DEFAULT_STRATEGIES),
         metavar="NAME",
         help=f"Flower's strategies ({', '.join(FLOWER_STRATEGIES)}) and "
-        f"flwr-alie's defences ({', '.join(DEFENCES)}) (default: Flower's)",
+        f"flwr-alie's defences ({', '.join(DEFENCES)}) (default: "
+        f"{' '.join(DEFAULT_STRATEGIES)})",
     )
     grid.add_argument(
         "--fractions",
@@ -209,33 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--splits",
         nargs="+",
-        default=["iid", "dirichlet"],
-        choices=["iid", "dirichlet"],
+        default=["dirichlet"],
+        choices=SPLITS,
         metavar="S",
-        help="data splits: iid, dirichlet (non-IID over the labels) "
-        "(default: iid dirichlet)",
+        help="data splits: iid, dirichlet (non-IID over the labels, --alpha), "
+        "sorted (label-sorted shards, one a client) (default: dirichlet)",
     )
     grid.add_argument(
         "--alpha",
         type=_positive,
-        default=0.5,
+        default=0.3,
         help="concentration of the Dirichlet split, > 0 (default: %(default)s)",
     )
     grid.add_argument(
         "--seeds",
         nargs="+",
         type=_int_at_least(0),
-        default=[0, 1, 2],
+        default=[0, 1, 2, 3, 4],
         metavar="SEED",
-        help="seeds, distinct; intervals need two or more (default: 0 1 2)",
+        help="seeds, distinct; intervals need two or more (default: 0 1 2 3 4)",
     )
     task = parser.add_argument_group("training")
     task.add_argument(
         "--dataset",
         default="digits",
-        help="'digits' or 'mnist1d' (both offline) or a Hugging Face id with "
-        "image/label columns, "
-        "e.g. ylecun/mnist (needs a network) (default: %(default)s)",
+        help="'digits', 'mnist1d' or 'mnist-5k' (offline), a folder of a Hugging "
+        "Face dataset's Parquet files, or a Hub id with image/label columns, e.g. "
+        "ylecun/mnist (needs a network) (default: %(default)s)",
     )
     task.add_argument(
         "--clients",
@@ -246,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--rounds",
         type=_int_at_least(1),
-        default=15,
+        default=200,
         help="federated rounds (default: %(default)s)",
     )
     task.add_argument(
@@ -264,23 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--local-steps",
         type=_int_at_least(0),
-        default=0,
-        help="FedSGD: K local SGD steps on minibatches per round instead of "
-        "--epochs; 1 is the ALIE paper's distributed SGD (default: %(default)s, "
-        "local epochs)",
+        default=1,
+        help="FedSGD: K local SGD steps on minibatches per round; 1 is the ALIE "
+        "paper's distributed SGD; 0 trains --epochs local epochs instead "
+        "(default: %(default)s)",
     )
     task.add_argument(
         "--lr",
         type=_positive,
-        default=0.5,
+        default=0.2,
         help="local SGD learning rate, > 0 (default: %(default)s)",
     )
     task.add_argument(
         "--worker-momentum",
         type=_momentum,
-        default=0.0,
+        default=0.9,
         help="with --local-steps: each client's momentum in [0, 1), kept across "
-        "rounds (Karimireddy et al., 2021) (default: %(default)s)",
+        "rounds (Karimireddy et al., 2021); 0 with local epochs (default: "
+        "%(default)s)",
     )
     task.add_argument(
         "--server-lr",
@@ -299,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--batch-size",
         type=_int_at_least(1),
-        default=8,
+        default=32,
         help="local minibatch size (default: %(default)s)",
     )
     task.add_argument(
@@ -313,8 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--last",
         type=_int_at_least(1),
-        default=5,
+        default=20,
         help="a cell's metric: mean test accuracy over its last LAST rounds "
+        "(default: %(default)s)",
+    )
+    defences = parser.add_argument_group("flwr-alie's defences")
+    defences.add_argument(
+        "--cc-tau",
+        type=_positive,
+        default=1.0,
+        help="centered clipping's radius, in units of an update's L2 norm "
+        "(default: %(default)s)",
+    )
+    defences.add_argument(
+        "--cc-iterations",
+        type=_int_at_least(1),
+        default=1,
+        help="centered clipping's iterations L (default: %(default)s)",
+    )
+    defences.add_argument(
+        "--geomed-iterations",
+        type=_int_at_least(1),
+        default=100,
+        help="the geometric median's Weiszfeld iterations (RFA's T) "
         "(default: %(default)s)",
     )
     run = parser.add_argument_group("run")
@@ -386,8 +432,9 @@ def _report_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("dir", type=Path, help="a folder written by flwr-alie")
     parser.add_argument(
-        "--last", type=_int_at_least(1), default=5,
-        help="rounds a cell's metric averages (default: %(default)s)",
+        "--last", type=_int_at_least(1), default=None,
+        help="rounds a cell's metric averages, at most the run's rounds "
+        "(default: the run's own --last)",
     )  # fmt: skip
     return parser
 
@@ -409,15 +456,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv[:1] == ["report"]:
         args = _report_parser().parse_args(argv[1:])
-        return _report(args.dir, args.last)
+        return _report(args.dir, args.last, given=args.last is not None)
     args, cells = parse(argv)
     out: Path = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        todo = _prepare(out, cells, resume=args.resume, overwrite=args.overwrite)
-    except ValueError as err:
+        check_writable(out)
+        with FolderLock(out):
+            todo = prepare(
+                out,
+                cells,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                options={"last": args.last},
+            )
+            if args.resume:
+                done = len(cells) - len(todo)
+                print(f"flwr-alie: resuming {out}: {done} cells done, "
+                      f"{len(todo)} to run")  # fmt: skip
+            return _run_and_report(todo, cells, out, args)
+    except FolderError as err:
         print(f"flwr-alie: {err}", file=sys.stderr)
         return 2
-    return _run_and_report(todo, cells, out, args)
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Cell]]:
@@ -435,16 +494,24 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Cell]]:
             f"argument --gpus-per-client: got {args.gpus_per_client:g} on a machine "
             "without CUDA (and no RAY_ADDRESS of a cluster that may have some)"
         )
+    if not args.local_steps and not _given(argv, "--worker-momentum"):
+        args.worker_momentum = 0.0  # a default (or a preset's) follows --local-steps
     if args.worker_momentum and not args.local_steps:
         parser.error(
             "argument --worker-momentum: applies to --local-steps K > 0 (FedSGD), "
             f"got {args.worker_momentum:g} with local epochs"
         )
-    if args.last > args.rounds and not any(a.startswith("--last") for a in argv):
+    if args.last > args.rounds and not _given(argv, "--last"):
         args.last = args.rounds  # a default (or a preset's) follows --rounds
     if args.last > args.rounds:
         parser.error(f"argument --last: expected at most --rounds ({args.rounds}), "
                      f"got {args.last}")  # fmt: skip
+    if args.resume and args.out is None:
+        parser.error("argument --resume: needs --out DIR, the folder of the run to "
+                     "finish")  # fmt: skip
+    problem = _dataset_problem(args.dataset)
+    if problem:
+        parser.error(f"argument --dataset: {problem}")
     try:
         cells = build_grid(
             strategies=args.strategies,
@@ -466,13 +533,68 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Cell]]:
             worker_momentum=args.worker_momentum,
             server_lr=args.server_lr,
             server_momentum=args.server_momentum,
+            cc_tau=args.cc_tau,
+            cc_iterations=args.cc_iterations,
+            geomed_iterations=args.geomed_iterations,
             vectorised=_vectorised(args),
             device="cuda" if args.gpus_per_client else "cpu",
             block_size=min(args.block_size, args.clients),
         )
     except (TypeError, ValueError) as err:
         parser.error(str(err))
+    attacked = [c for c in cells if c.attacked]
+    with _quiet_flower():  # building a strategy logs Flower's own warnings
+        problems = {c.key: c.problems() for c in attacked}
+    reasons = {r for found in problems.values() for r in found}
+    if attacked and all(problems.values()):
+        parser.error(
+            "no attacked cell of this grid can run, so nothing would be measured: "
+            + "; ".join(sorted(reasons))
+        )
     return args, cells
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Keep Flower's warnings off the console for a moment."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _dataset_problem(name: str) -> str | None:
+    """Why `name` cannot be a data set, as far as can be told offline (else None).
+
+    An offline name, or a folder that holds Parquet files, is fine; anything else
+    must look like a Hugging Face Hub id (``owner/name``), which only a network can
+    confirm (and ``HF_HUB_OFFLINE=1`` rules out).
+    """
+    from flwr_alie.evaluation.task import OFFLINE
+
+    if name in OFFLINE:
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{name!r} is a file; expected a folder of Parquet files"
+        if not any(path.rglob("*.parquet")):
+            return f"the folder {name!r} holds no Parquet files"
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or name.startswith("."):
+        return (
+            f"expected one of {', '.join(OFFLINE)}, an existing folder, or a "
+            f"Hugging Face Hub id like ylecun/mnist, got {name!r}"
+        )
+    if (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+        or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    ):
+        return f"{name!r} is not a folder here, and the Hub is off (HF_HUB_OFFLINE)"
+    return None
 
 
 def _vectorised(args: argparse.Namespace) -> bool:
@@ -493,45 +615,15 @@ def _vectorised(args: argparse.Namespace) -> bool:
     return args.model == "mlp" or args.dataset in ("digits", "mnist1d")
 
 
+def _given(argv: Sequence[str], flag: str) -> bool:
+    """Whether `flag` is on the command line (``--flag V`` or ``--flag=V``)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 def _has_gpus() -> bool:
     import torch
 
     return torch.cuda.is_available() or bool(os.environ.get("RAY_ADDRESS"))
-
-
-def _prepare(
-    out: Path, cells: list[Cell], *, resume: bool, overwrite: bool
-) -> list[Cell]:
-    """Make `out` ready; return the cells still to run."""
-    from flwr_alie.evaluation.results import is_finished, read_rows
-    from flwr_alie.evaluation.wire import ROW_CELL
-
-    results = out / RESULTS
-    has_results = results.exists() and results.stat().st_size > 0
-    if has_results and not (resume or overwrite):
-        raise ValueError(
-            f"{out} already holds results; pass --resume to finish that run or "
-            "--overwrite to start again"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite or not has_results:
-        for name in (RESULTS, GRID, TABLE, ACCURACY_PLOT, EFFECT_PLOT):
-            (out / name).unlink(missing_ok=True)
-        save_cells(cells, out / GRID)
-        return cells
-    if (out / GRID).exists() and load_cells(out / GRID) != cells:
-        raise ValueError(
-            f"--resume: the options differ from the run in {out} (its grid is "
-            f"{out / GRID}); use the same options, or --overwrite"
-        )
-    rows = read_rows(results)
-    finished = {c.key for c in cells if is_finished(rows, c.key, c.rounds)}
-    kept = [r for r in rows if r[ROW_CELL] in finished]
-    results.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    save_cells(cells, out / GRID)
-    todo = [c for c in cells if c.key not in finished]
-    print(f"flwr-alie: resuming {out}: {len(finished)} cells done, {len(todo)} to run")
-    return todo
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -582,17 +674,19 @@ def _saved(out: Path, cells: list[Cell]) -> str:
 def _run(cells: list[Cell], out: Path, args: argparse.Namespace) -> bool:
     """Run the cells in one Flower run; return whether it ended cleanly."""
     from flwr_alie.evaluation.runtime import flwr_run, superlink
-    from flwr_alie.evaluation.task import prepare
+    from flwr_alie.evaluation.task import prepare as prepare_data
 
+    remove_stale_temporaries()
     # once here, not once in each of the run's processes
-    prepare((c.dataset, c.clients, c.split, c.alpha, c.seed) for c in cells)  # type: ignore[misc]
+    prepare_data((c.dataset, c.clients, c.split, c.alpha, c.seed) for c in cells)  # type: ignore[misc]
     parallel = min(len(cells), args.parallel or len(cells))
     # A node takes one message every 0.1 s, and each 0.1 s Flower's dispatcher scans
     # every stored message once per node: a node for each block in flight, at most
     # _MAX_SUPERNODES (more blocks share them).
     supernodes = min(parallel * max(cell.blocks for cell in cells), _MAX_SUPERNODES)
-    with tempfile.TemporaryDirectory(prefix="flwr-alie-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         home = Path(tmp)
+        claim_temporary(home)
         app = home / "app"
         app.mkdir()
         source = (
@@ -639,14 +733,20 @@ def _printer(verbose: bool) -> Callable[[str], None]:
     return show
 
 
-def _report(out: Path, last: int) -> int:
-    """Write table.md and the plots of `out` from its results.jsonl; print the table."""
+def _report(out: Path, last: int | None, *, given: bool = True) -> int:
+    """Write table.md and the plots of `out` from its results.jsonl; print the table.
+
+    `last` defaults to the run's own (``run.json``) and may not exceed the rounds
+    of the run's cells. Unfinished cells are named; the status is 1 when some are,
+    since the table then has blanks.
+    """
     from flwr_alie.evaluation.results import (
         attack_contrasts,
         paired_table,
         plot_accuracy,
         plot_effect,
         read_rows,
+        unfinished,
     )
 
     path = out / RESULTS
@@ -654,6 +754,18 @@ def _report(out: Path, last: int) -> int:
     if not rows:
         print(f"flwr-alie: no results in {path}; rerun with --verbose", file=sys.stderr)
         return 1
+    if last is None:
+        stored = run_options(out).get("last")
+        last = stored if isinstance(stored, int) and stored > 0 else 5
+    rounds = min((int(r["rounds"]) for r in rows if "rounds" in r), default=last)
+    if last > rounds:
+        flag = "--last" if given else "the run's --last"
+        print(
+            f"flwr-alie report: {flag} {last} exceeds the rounds of the run in "
+            f"{out} ({rounds}); pass --last between 1 and {rounds}",
+            file=sys.stderr,
+        )
+        return 2
     table = paired_table(rows, last=last)
     contrasts = attack_contrasts(rows, last=last)
     if contrasts:
@@ -670,6 +782,15 @@ def _report(out: Path, last: int) -> int:
     print(table)
     print(f"\nresults: {path}\ntable:   {out / TABLE}")
     print(f"plots:   {out / ACCURACY_PLOT}, {out / EFFECT_PLOT}")
+    missing = unfinished(rows)
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        print(
+            f"flwr-alie: {len(missing)} cells are unfinished, so the table has "
+            f"blanks: {shown}; finish them with --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,11 +1,15 @@
 """Named sets of ``flwr-alie`` options (``--preset NAME``); flags given win.
 
-``paper`` is the regime of the ALIE paper (Baruch, Baruch and Goldberg, NeurIPS
-2019) as its authors' code runs it: distributed SGD with n = 51 workers of which
-12 are Byzantine (51 = 4 * 12 + 3, Bulyan's least n), one minibatch gradient per
-worker a step, and momentum 0.9 with learning rate 0.1 at the server. Here a
-client's update after one local step at lr 1 is minus its gradient, so server
-learning rate 0.1 and momentum 0.9 on the aggregate is exactly that optimiser.
+- ``paper`` is the regime of the ALIE paper (Baruch, Baruch and Goldberg, NeurIPS
+  2019) as its authors' code runs it: distributed SGD with n = 51 workers of which
+  12 are Byzantine (51 = 4 * 12 + 3, Bulyan's least n), one minibatch gradient per
+  worker a step, and momentum 0.9 with learning rate 0.1 at the server. Here a
+  client's update after one local step at lr 1 is minus its gradient, so server
+  learning rate 0.1 and momentum 0.9 on the aggregate is exactly that optimiser.
+- ``iclr2022`` is the set-up of Karimireddy, He and Jaggi (ICLR 2022, bucketing)
+  on the offline 5,000-image MNIST subset, with an MLP where they train a CNN.
+- ``local-epochs`` is the FedAvg regime of several local epochs a round, where
+  the attack is blunted: the first default of ``flwr-alie``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ PRESETS: dict[str, Preset] = {
         summary=(
             "the ALIE paper's regime: FedSGD (one local step), server momentum "
             "0.9 and lr 0.1, n = 51, f = 12, z in {1.5, max}, Byzantine-only and "
-            "oracle statistics, on MNIST-1D with a 1-D CNN"
+            "oracle statistics, on MNIST-1D with a 1-D CNN, trained to its plateau"
         ),
         options={
             "dataset": "mnist1d",
@@ -63,14 +67,83 @@ PRESETS: dict[str, Preset] = {
                 "cc",
             ],
             "splits": ["iid"],
-            "seeds": [0, 1, 2],
-            "rounds": 80,
-            "last": 10,
+            "seeds": [0, 1, 2, 3, 4],
+            "rounds": 500,
+            "last": 50,
             "local_steps": 1,
             "lr": 1.0,
             "batch_size": 32,
+            "worker_momentum": 0.0,
             "server_lr": 0.1,
             "server_momentum": 0.9,
+        },
+    ),
+    "iclr2022": Preset(
+        summary=(
+            "Karimireddy, He and Jaggi, ICLR 2022 (bucketing): 5,000 MNIST images "
+            "in label-sorted shards, n = 25, f = 5, ALIE at z_max, 600 FedSGD steps "
+            "of batch 32 with worker momentum 0.9, the median, Krum, the geometric "
+            "median (RFA, T = 8) and centered clipping (3 iterations), each with and "
+            "without bucketing s = 2"
+        ),
+        options={
+            "dataset": "mnist-5k",
+            "model": "mlp",
+            "clients": 25,
+            "fractions": [0.2],
+            "zs": ["max"],
+            "strategies": [
+                "fedmedian",
+                "krum",
+                "geomed",
+                "cc",
+                "bucketing-median",
+                "bucketing-krum",
+                "bucketing-geomed",
+                "bucketing-cc",
+            ],
+            "splits": ["sorted"],
+            "seeds": [0, 1, 2, 3, 4],
+            "rounds": 600,
+            "last": 50,
+            "local_steps": 1,
+            "batch_size": 32,
+            # their worker momentum is m <- beta m + g at lr 0.01; this one is
+            # m <- beta m + (1 - beta) g, so lr 0.1 takes the same steps at beta
+            # 0.9 (pass --lr 0.01 with --worker-momentum 0), and their clipping
+            # radius tau = 10 on momenta is 0.1 on these updates, -lr m
+            "lr": 0.1,
+            "worker_momentum": 0.9,
+            "cc_tau": 0.1,
+            "cc_iterations": 3,
+            "geomed_iterations": 8,
+        },
+    ),
+    "local-epochs": Preset(
+        summary=(
+            "FedAvg-style local training: 3 local epochs a round on digits, 15 "
+            "rounds, Flower's six strategies on IID and Dirichlet(0.5) data, 3 "
+            "seeds (the first default: local epochs blunt the attack)"
+        ),
+        options={
+            "strategies": [
+                "fedavg",
+                "fedmedian",
+                "fedtrimmedavg",
+                "krum",
+                "multikrum",
+                "bulyan",
+            ],
+            "splits": ["iid", "dirichlet"],
+            "alpha": 0.5,
+            "seeds": [0, 1, 2],
+            "rounds": 15,
+            "last": 5,
+            "local_steps": 0,
+            "epochs": 3,
+            "lr": 0.5,
+            "batch_size": 8,
+            "worker_momentum": 0.0,
         },
     ),
 }

@@ -35,6 +35,7 @@ __all__ = [
     "plot_accuracy",
     "plot_effect",
     "read_rows",
+    "unfinished",
 ]
 
 Row = dict[str, Any]
@@ -339,94 +340,182 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
-    """Plot test accuracy per round, with 95% bands across seeds.
+def _nothing_to_plot(plt: Any, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no attacked cell in these results", ha="center", va="center")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
-    A panel per split and ``f`` (rows) and attack (columns, clean first), a line
-    per strategy.
+
+def plot_accuracy(rows: Sequence[Row], path: Path, *, last: int) -> None:
+    """Plot test accuracy per round: a panel per strategy and split, a line per attack.
+
+    Each panel holds one strategy's clean reference (black) and its attacked cells,
+    each line the mean across seeds with its 95% band: an attack's effect is the
+    gap between a coloured line and the black one. The last `last` rounds, which
+    a cell's metric averages, are shaded.
     """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
-    panels = sorted({(split, f) for _, split, f in keys})
+    if not keys:
+        _nothing_to_plot(plt, path)
+        return
     columns = ["clean", *columns]
+    width = min(4, len(keys))
+    height = -(-len(keys) // width)
     fig, axes = plt.subplots(
-        len(panels),
-        len(columns),
-        figsize=(4.2 * len(columns), 3.3 * len(panels)),
+        height,
+        width,
+        figsize=(4.0 * width, 3.1 * height + 0.6),
         sharey=True,
         squeeze=False,
     )
-    strategies = sorted({s for s, _, _ in keys}, key=_order)
-    for (split, f), line in zip(panels, axes, strict=True):
-        for ax, column in zip(line, columns, strict=True):
-            for strategy in strategies:
-                setting = summary.find((strategy, split, f), column)
-                curves = summary.curves.get(setting or "", {})
-                if not curves:
-                    continue
-                rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
-                stats = [mean_interval([c[r] for c in curves.values()]) for r in rounds]
-                means = [s.mean for s in stats]
-                (drawn,) = ax.plot(rounds, means, label=strategy)
-                if all(s.low is not None for s in stats):
-                    ax.fill_between(
-                        rounds,
-                        [s.low for s in stats],
-                        [s.high for s in stats],
-                        color=drawn.get_color(),
-                        alpha=0.15,
-                        linewidth=0,
-                    )
-            ax.set_title(f"{split}, f={f}: {column}")
-            ax.set_xlabel("round")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylim(0, 1)
-            ax.grid(alpha=0.3)
-        line[0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize="small")
-    fig.tight_layout()
+    colours = ["black", *plt.rcParams["axes.prop_cycle"].by_key()["color"]]
+    handles: dict[str, Any] = {}
+    for ax, key in zip(axes.flat, keys, strict=False):
+        strategy, split, f = key
+        rounds_seen = 0
+        for column, colour in zip(columns, colours, strict=False):
+            curves = summary.curves.get(summary.find(key, column) or "", {})
+            if not curves:
+                continue
+            rounds = sorted(set.intersection(*(set(c) for c in curves.values())))
+            stats = [mean_interval([c[r] for c in curves.values()]) for r in rounds]
+            (line,) = ax.plot(
+                rounds, [s.mean for s in stats], color=colour, linewidth=1.2
+            )
+            handles.setdefault(column, line)
+            if all(s.low is not None for s in stats):
+                ax.fill_between(
+                    rounds,
+                    [s.low for s in stats],
+                    [s.high for s in stats],
+                    color=colour,
+                    alpha=0.12,
+                    linewidth=0,
+                )
+            rounds_seen = max(rounds_seen, max(rounds, default=0))
+        if rounds_seen:
+            ax.axvspan(rounds_seen - last + 0.5, rounds_seen + 0.5, color="#f0e6c8",
+                       zorder=0)  # fmt: skip
+        ax.set_title(f"{strategy} ({split}, f={f})", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for line in axes[:, 0]:
+        line.set_ylabel("test accuracy")
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(len(handles), 5),
+        fontsize="small",
+        frameon=False,
+    )
+    fig.suptitle(
+        "mean across seeds, 95% band; shaded: the rounds a cell's metric averages",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_effect(rows: Sequence[Row], path: Path, *, last: int) -> None:
-    """Plot the attack's effect (attacked minus clean, by seed) as a heatmap.
+    """Plot the attack's effect (attacked minus clean, paired by seed) two ways.
 
-    ``*`` marks an interval that excludes 0; ``n/a`` a cell that cannot run.
+    Left, a heatmap of the mean effect (``*``: the 95% interval excludes 0;
+    ``n/a``: a cell that cannot run). Right, each seed's effect as a dot, with the
+    mean and its 95% interval as a bar: how much the seeds agree.
     """
     plt = _pyplot()
     import numpy as np
 
     summary = Summary(rows, last)
     keys, columns = summary.rows_and_columns()
+    if not keys:
+        _nothing_to_plot(plt, path)
+        return
     values = np.full((len(keys), len(columns)), np.nan)
     text = [["" for _ in columns] for _ in keys]
+    points: list[tuple[float, list[float], Interval]] = []
+    labels = [f"{s} ({sp}, f={f})" for s, sp, f in keys]
+    spacing = 1.0 / (len(columns) + 1)
     for i, key in enumerate(keys):
         clean = summary.find(key, "clean")
         for j, column in enumerate(columns):
-            diff = summary.difference(summary.find(key, column), clean)
-            if diff is not None:
-                values[i, j] = diff.mean
-                text[i][j] = f"{diff.mean:+.2f}" + ("*" if diff.significant else "")
-    fig, ax = plt.subplots(figsize=(1.9 * len(columns) + 3.2, 0.42 * len(keys) + 1.6))
-    ax.set_facecolor("#dddddd")
-    bound = max(
-        0.05, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0
+            attacked = summary.find(key, column)
+            diff = summary.difference(attacked, clean)
+            if diff is None or attacked is None or clean is None:
+                continue
+            values[i, j] = diff.mean
+            text[i][j] = f"{diff.mean:+.2f}" + ("*" if diff.significant else "")
+            a, b = summary.metric[attacked], summary.metric[clean]
+            seeds = sorted(set(a) & set(b))
+            offset = (j + 1) * spacing - 0.5
+            points.append((i + offset, [a[s] - b[s] for s in seeds], diff))
+    fig, (heat, dots) = plt.subplots(
+        1,
+        2,
+        figsize=(1.6 * len(columns) + 9.5, 0.5 * len(keys) + 2.2),
+        gridspec_kw={"width_ratios": [1.2 + 0.6 * len(columns), 5]},
     )
-    image = ax.imshow(values, vmin=-bound, vmax=bound, cmap="RdBu", aspect="auto")
+    heat.set_facecolor("#dddddd")
+    finite = values[np.isfinite(values)]
+    bound = max(0.05, float(np.abs(finite).max()) if finite.size else 0.0)
+    image = heat.imshow(values, vmin=-bound, vmax=bound, cmap="RdBu", aspect="auto")
     for i in range(len(keys)):
         for j in range(len(columns)):
-            ax.text(j, i, text[i][j] or "n/a", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
-    ax.set_yticks(range(len(keys)), [f"{s} ({sp}, f={f})" for s, sp, f in keys])
-    fig.colorbar(image, ax=ax, label="effect on accuracy (attacked - clean)")
-    ax.set_title("attacked - clean\n(*: 95% interval excludes 0)", fontsize=10)
+            heat.text(j, i, text[i][j] or "n/a", ha="center", va="center", fontsize=8)
+    heat.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    heat.set_yticks(range(len(keys)), labels)
+    heat.set_title("mean effect (*: 95% interval excludes 0)", fontsize=10)
+    colorbar = fig.colorbar(image, ax=heat, fraction=0.08, pad=0.04)
+    colorbar.set_label("attacked - clean accuracy", fontsize=9)
+    dots.axvline(0, color="grey", linewidth=0.8)
+    for y, per_seed, diff in points:
+        dots.scatter(per_seed, [y] * len(per_seed), s=14, alpha=0.6, color="C0")
+        low = diff.low if diff.low is not None else diff.mean
+        high = diff.high if diff.high is not None else diff.mean
+        dots.errorbar(
+            diff.mean,
+            y,
+            xerr=[[diff.mean - low], [high - diff.mean]],
+            fmt="D",
+            color="C3" if diff.significant else "black",
+            markersize=4,
+            capsize=3,
+        )
+    dots.set_yticks(range(len(keys)), labels)
+    dots.set_ylim(len(keys) - 0.5, -0.5)
+    dots.set_xlabel("attacked - clean accuracy, paired by seed")
+    dots.set_title(
+        "each seed (dots), mean and 95% interval (red: excludes 0)"
+        + (
+            f"; attacks top to bottom: {', '.join(columns)}" if len(columns) > 1 else ""
+        ),
+        fontsize=9,
+    )
+    dots.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def unfinished(rows: Sequence[Row]) -> list[str]:
+    """Return the keys of the cells in `rows` that lack some of their rounds.
+
+    A cell that was reported invalid is finished; one that failed is not.
+    """
+    rounds = {r[ROW_CELL]: int(r["rounds"]) for r in rows}
+    return sorted(cell for cell, n in rounds.items() if not is_finished(rows, cell, n))
 
 
 def is_finished(rows: Sequence[Row], cell: str, rounds: int) -> bool:

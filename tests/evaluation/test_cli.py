@@ -56,8 +56,15 @@ TIMING = {"cell_seconds", "alie.seconds", "train-seconds"}
         (["--server-momentum", "1"], r"--server-momentum: .*\[0, 1\), got '1'"),
         (["--server-lr", "0"], r"--server-lr: expected a finite number > 0, got '0'"),
         (
-            ["--worker-momentum", "0.9"],
+            ["--local-steps", "0", "--worker-momentum", "0.9"],
             r"--worker-momentum: applies to --local-steps K > 0 \(FedSGD\), got 0.9",
+        ),
+        (["--splits", "shuffled"], r"argument --splits: invalid choice: 'shuffled'"),
+        (["--cc-tau", "0"], r"--cc-tau: expected a finite number > 0, got '0'"),
+        (["--block-size", "-1"], r"--block-size: expected an integer >= 0, got '-1'"),
+        (
+            ["--gpus-per-client", "-0.5"],
+            r"--gpus-per-client: expected a finite number >= 0, got '-0.5'",
         ),
         (
             ["--clients", "4", "--fractions", "0.1"],
@@ -429,3 +436,34 @@ def test_sigterm_is_an_orderly_stop_with_status_143(tmp_path, monkeypatch, capsy
     assert "flwr-alie: interrupted; 0 rows saved" in err
     assert "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
+def test_worker_momentum_follows_local_epochs_unless_given():
+    args, cells = parse(["--local-steps", "0", "--rounds", "2"])
+    assert args.worker_momentum == 0.0
+    assert {(c.steps, c.worker_momentum, c.epochs) for c in cells} == {(0, 0.0, 3)}
+    args, cells = parse(["--rounds", "2"])  # the default: FedSGD, momentum 0.9
+    assert {(c.steps, c.worker_momentum) for c in cells} == {(1, 0.9)}
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="this machine has CUDA"
+)
+def test_gpus_are_refused_where_there_are_none(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit):
+        parse(["--gpus-per-client", "0.5"])
+    assert "--gpus-per-client: got 0.5 on a machine without CUDA" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_defences_options_reach_the_strategies():
+    _, cells = parse(
+        ["--strategies", "cc", "bucketing-geomed", "--cc-tau", "0.1",
+         "--cc-iterations", "3", "--geomed-iterations", "8", "--rounds", "2"]
+    )  # fmt: skip
+    by_name = {c.strategy: c.strategy_object() for c in cells}
+    assert (by_name["cc"].tau, by_name["cc"].iterations) == (0.1, 3)
+    assert by_name["bucketing-geomed"].strategy.iterations == 8
+    assert by_name["bucketing-geomed"].s == 2

