@@ -187,3 +187,35 @@ def test_composition_with_the_attack_and_the_setup_checks():
 def test_bad_options(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: CenteredClipping(tau=1.0), "CenteredClipping(tau=1.0, iterations=1)"),
+        (lambda: GeometricMedian(), "GeometricMedian(nu=1e-06, iterations=100"),
+        (lambda: NNM(FedAvg(), f=1), "NNM(FedAvg(...), f=1)"),
+        (
+            lambda: Bucketing(Krum(num_malicious_nodes=1), s=2),
+            "Bucketing(Krum(...), s=2",
+        ),
+    ],
+)
+def test_every_defence_has_a_summary_naming_its_settings(make, named):
+    import logging
+
+    records = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        make().summary()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = "\n".join(r.getMessage() for r in records)
+    assert named in text
+    assert text.index(named) < text.index("Sampling:")  # then FedAvg's own summary

@@ -103,3 +103,44 @@ def test_a_byzantine_node_lost_for_good_ends_its_rounds_cleanly(tmp_path):
     assert last["alie.attacked"] == 0
     assert "no reply from 1 of the 1 Byzantine partitions: 1" in result.stdout
     assert _finite(history[3]["weights"])
+
+
+def test_a_dead_honest_supernode_does_not_hang_the_run_with_the_defaults(tmp_path):
+    # the example's own defaults: min-nodes (num-nodes minus the Byzantine) and
+    # round-timeout; before, a round waited for every node forever
+    n, history_path = 5, tmp_path / "history.json"
+    config = (
+        f"save-path='{history_path}' strategy='fedavg' num-server-rounds=3 "
+        f"num-nodes={n} alie.z=1.0 alie.byzantine-ids='1'"
+    )
+    killed: list[int] = []
+
+    def kill_an_honest_node_after_round_one() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if history_path.exists() and 1 in _history(history_path):
+                for pid in descendants(os.getpid()):
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"flower-supernode" in cmd and b"partition-id=3 " in cmd:
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_an_honest_node_after_round_one)
+    with superlink(tmp_path, simulation=False, supernodes=n):
+        watcher.start()
+        result = flwr_run(tmp_path, FAULTY_APP, config, timeout=360)
+    watcher.join()
+    assert killed, "the honest SuperNode was not found"
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "a round needs 4 of the 5 nodes and waits at most 60 s" in result.stdout
+    history = _history(history_path)
+    assert sorted(history) == [0, 1, 2, 3]  # every round ended
+    assert history[1]["train"]["alie.num-honest"] == 4
+    last = history[3]["train"]
+    assert last["alie.num-honest"] == 3  # partition 3 is gone
+    assert last["alie.attacked"] == 1
+    assert _finite(history[3]["weights"])

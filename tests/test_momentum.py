@@ -64,3 +64,23 @@ def test_composes_under_the_attack():
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         ServerMomentum(FedAvg(), **kwargs)
+
+
+def test_server_momentum_has_a_summary_naming_its_settings():
+    import logging
+
+    records = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ServerMomentum(FedAvg(), lr=0.1, momentum=0.9).summary()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = "\n".join(r.getMessage() for r in records)
+    assert "ServerMomentum(FedAvg(...), lr=0.1, momentum=0.9)" in text
+    assert "Sampling:" in text

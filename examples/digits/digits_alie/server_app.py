@@ -1,7 +1,8 @@
 """ServerApp: a robust strategy wrapped in ALIEStrategy, evaluated centrally."""
 
 import json
-from logging import WARNING
+import time
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -53,17 +54,40 @@ def make_strategy(
     return strategies[name]()
 
 
+def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
+    """Wait up to `timeout` seconds for `count` SuperNodes to connect."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    connected = len(list(grid.get_node_ids()))
+    if connected < count:
+        log(WARNING, "%d of %d nodes connected within %g s; the run starts with "
+            "them", connected, count, timeout)  # fmt: skip
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     alie = ALIEConfig.from_run_config(config)  # the attack options, parsed once
     num_nodes = int(config["num-nodes"])
     num_byzantine = len(alie.byzantine_partitions(num_nodes))
+    # a round starts with this many nodes, so that a dead SuperNode does not stop
+    # the run; it waits round-timeout seconds at most for their replies
+    min_nodes = int(config["min-nodes"]) or max(1, num_nodes - num_byzantine)
+    timeout = float(config["round-timeout"])
+    log(
+        INFO,
+        "a round needs %d of the %d nodes and waits at most %g s for their replies",
+        min_nodes,
+        num_nodes,
+        timeout,
+    )
+    _wait_for_nodes(grid, num_nodes, timeout)  # round 1 with all of them, if they come
     inner = make_strategy(
         str(config["strategy"]),
         num_nodes=num_nodes,
         num_byzantine=num_byzantine,
-        min_nodes=int(config["min-nodes"]) or num_nodes,
+        min_nodes=min_nodes,
     )
     problems = check_setup(
         inner, num_nodes=num_nodes, num_byzantine=num_byzantine, z=alie.z
@@ -108,13 +132,11 @@ def main(grid: Grid, context: Context) -> None:
             save_path.write_text(json.dumps(history))
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
-    # a round waits at most round-timeout seconds for replies, so that a node lost
-    # for good ends the run (with min-nodes below num-nodes, the run goes on)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(make_model(seed=seed).state_dict()),
         num_rounds=int(config["num-server-rounds"]),
-        timeout=float(config["round-timeout"]),
+        timeout=timeout,
         evaluate_fn=central_evaluation,
     )
     if save_path is not None:
