@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout",
         type=_positive,
-        default=3600,
-        help="seconds for the whole run (default: %(default)s)",
+        default=600,
+        help="stop the run when no round has finished for this many seconds: a "
+        "hang, not a long run (default: %(default)s)",
     )
     run.add_argument(
         "--verbose",
@@ -713,6 +714,7 @@ def _run(cells: list[Cell], out: Path, args: argparse.Namespace) -> bool:
                 run_config,
                 extra=["--federation-config", federation],
                 timeout=args.timeout,
+                idle=True,
                 on_line=_printer(args.verbose),
             )
     failed = result.returncode != 0 or "ERROR" in result.stdout

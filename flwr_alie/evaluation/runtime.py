@@ -240,12 +240,14 @@ def flwr_run(
     *,
     extra: Sequence[str] = (),
     timeout: float = 600,
+    idle: bool = False,
     on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``flwr run APP test --run-config ... --stream`` and wait for it.
 
     Each line of its output goes to `on_line` as it comes, when given; all of it is
-    returned. The process group is killed after `timeout` seconds.
+    returned. The process group is killed after `timeout` seconds, or, with
+    `idle`, once `timeout` seconds pass without a line of output.
     """
     argv = [str(BIN / "flwr"), "run", str(app), "test", "--run-config", run_config,
             *extra, "--stream"]  # fmt: skip
@@ -258,17 +260,32 @@ def flwr_run(
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
-    timer = threading.Timer(timeout, lambda: _stop([proc]))
-    timer.start()
+    deadline = [time.monotonic() + timeout]
+    finished, expired = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(min(1.0, max(0.0, deadline[0] - time.monotonic()))):
+            if time.monotonic() >= deadline[0]:
+                expired.set()
+                _stop([proc])
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     lines: list[str] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
+            if idle:
+                deadline[0] = time.monotonic() + timeout
             if on_line is not None:
                 on_line(line.rstrip("\n"))
         proc.wait()
     finally:
-        timer.cancel()
+        finished.set()
         _stop([proc])
+    if expired.is_set():
+        quiet = "without a line of output" if idle else "in all"
+        lines.append(f"ERROR: flwr run stopped after {timeout:g} s {quiet}\n")
     return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines), "")

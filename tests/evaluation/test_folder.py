@@ -221,3 +221,40 @@ def test_the_temporaries_of_a_killed_run_are_removed_at_the_next_start(tmp_path)
     assert not ray.exists()
     assert live.exists()
     assert other.exists()
+
+
+# ------------------------------------------------------------------ a hung run
+
+_TALKER = """#!{python}
+import sys, time
+for i in range(4):  # a line every 0.3 s, then silence: a hang
+    print("rounds", i, flush=True)
+    time.sleep(0.3)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_run_is_stopped_after_its_timeout_of_silence_or_in_all(
+    idle, tmp_path, monkeypatch
+):
+    from flwr_alie.evaluation import runtime
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flwr").write_text(_TALKER.format(python=sys.executable))
+    (fake / "flwr").chmod(0o755)
+    monkeypatch.setattr(runtime, "BIN", fake)  # a stand-in for Flower's command
+    started = time.monotonic()
+    result = runtime.flwr_run(tmp_path, tmp_path, "", timeout=0.8, idle=idle)
+    seconds = time.monotonic() - started
+    printed = result.stdout.count("rounds")
+    if idle:  # every line restarts the clock: the run lives until the silence
+        assert printed == 4
+        assert 1.7 < seconds < 10
+        assert "stopped after 0.8 s without a line of output" in result.stdout
+    else:
+        assert printed < 4
+        assert seconds < 1.7
+        assert "stopped after 0.8 s in all" in result.stdout
+    assert result.returncode != 0
