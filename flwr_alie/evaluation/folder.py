@@ -45,7 +45,7 @@ __all__ = [
 RESULTS, GRID, RUN, TABLE = "results.jsonl", "grid.json", "run.json", "table.md"
 ACCURACY_PLOT, EFFECT_PLOT = "accuracy.png", "effect.png"
 LOCK = ".lock"
-FILES = (RESULTS, GRID, RUN, TABLE, ACCURACY_PLOT, EFFECT_PLOT)
+FILES = (RESULTS, RESULTS + ".resume", GRID, RUN, TABLE, ACCURACY_PLOT, EFFECT_PLOT)
 """What a run writes into its folder."""
 TEMP_PREFIX = "flwr-alie-"
 """The prefix of a run's temporary folder (its Flower home)."""
@@ -157,7 +157,9 @@ def prepare(
     rows = read_rows(results)
     finished = {c.key for c in cells if is_finished(rows, c.key, c.rounds)}
     kept = [r for r in rows if r[ROW_CELL] in finished]
-    results.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    partial = out / (RESULTS + ".resume")  # the results whole, or not at all
+    partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(partial, results)
     _write(out, cells, options)
     return [c for c in cells if c.key not in finished]
 

@@ -99,14 +99,21 @@ def test_help_gives_every_flag_a_line_and_a_default():
     assert "  flwr-alie --strategies krum fedmedian --fractions 0.1 0.2" in text
 
 
-def test_the_paper_preset_is_the_grid_the_readme_describes():
-    from flwr_alie.evaluation.presets import PRESETS, describe
+@pytest.mark.parametrize("name", ["paper", "iclr2022", "local-epochs"])
+def test_every_preset_is_the_grid_its_page_describes(name):
+    from flwr_alie.evaluation.presets import describe
+
+    _args, cells = parse(["--preset", name])
+    page = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
+    assert describe(name) in page
+    rounds = sum(c.rounds for c in cells)
+    assert f"{describe(name)}\n\nThat is {len(cells)} cells ({rounds:,} " in page
+
+
+def test_the_paper_preset_is_the_papers_regime():
+    from flwr_alie.evaluation.presets import PRESETS
 
     args, cells = parse(["--preset", "paper"])
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert describe("paper") in readme
-    rounds = sum(c.rounds for c in cells)
-    assert f"{len(cells)} cells ({rounds:,} cell-rounds)" in readme
     options = PRESETS["paper"].options
     assert {c.strategy for c in cells} == set(options["strategies"])
     attacked = [c for c in cells if c.attacked]
