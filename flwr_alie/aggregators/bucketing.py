@@ -107,5 +107,6 @@ def bucketing(
     out = torch.zeros((buckets, x.shape[1]), dtype=acc, device=x.device)
     out.index_add_(0, of_row.to(x.device), work)
     out /= sizes.to(x.device).unsqueeze(1)
-    refuse_bad_rows(x, out.square().sum(dim=1))  # one (k, d) read of the means
+    # one (k, d) read of the means, no (k, d) temporary; inf when a square overflows
+    refuse_bad_rows(x, torch.linalg.vector_norm(out, dim=1))
     return out.to(x.dtype)
