@@ -70,23 +70,7 @@ def test_a_byzantine_node_lost_for_good_ends_its_rounds_cleanly(tmp_path):
         f"num-nodes={n} min-nodes={n - 1} round-timeout=15 alie.z=1.0 "
         "alie.byzantine-ids='1'"
     )
-    killed: list[int] = []
-
-    def kill_the_byzantine_node_after_round_one() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            if history_path.exists() and 1 in _history(history_path):
-                for pid in descendants(os.getpid()):
-                    try:
-                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    if b"flower-supernode" in cmd and b"partition-id=1 " in cmd:
-                        os.killpg(os.getpgid(pid), signal.SIGKILL)
-                        killed.append(pid)
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_the_byzantine_node_after_round_one)
+    watcher, killed = _killer_after_round_one(history_path, partition=1)
     with superlink(tmp_path, simulation=False, supernodes=n):
         watcher.start()
         result = flwr_run(tmp_path, FAULTY_APP, config, timeout=300)
@@ -113,23 +97,7 @@ def test_a_dead_honest_supernode_does_not_hang_the_run_with_the_defaults(tmp_pat
         f"save-path='{history_path}' strategy='fedavg' num-server-rounds=3 "
         f"num-nodes={n} alie.z=1.0 alie.byzantine-ids='1'"
     )
-    killed: list[int] = []
-
-    def kill_an_honest_node_after_round_one() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            if history_path.exists() and 1 in _history(history_path):
-                for pid in descendants(os.getpid()):
-                    try:
-                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    if b"flower-supernode" in cmd and b"partition-id=3 " in cmd:
-                        os.killpg(os.getpgid(pid), signal.SIGKILL)
-                        killed.append(pid)
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_an_honest_node_after_round_one)
+    watcher, killed = _killer_after_round_one(history_path, partition=3)
     with superlink(tmp_path, simulation=False, supernodes=n):
         watcher.start()
         result = flwr_run(tmp_path, FAULTY_APP, config, timeout=360)
@@ -144,3 +112,27 @@ def test_a_dead_honest_supernode_does_not_hang_the_run_with_the_defaults(tmp_pat
     assert last["alie.num-honest"] == 3  # partition 3 is gone
     assert last["alie.attacked"] == 1
     assert _finite(history[3]["weights"])
+
+
+def _killer_after_round_one(
+    history_path: Path, partition: int
+) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs the SuperNode of `partition` once round 1 is saved."""
+    killed: list[int] = []
+    tag = f"partition-id={partition} ".encode()
+
+    def kill() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if history_path.exists() and 1 in _history(history_path):
+                for pid in descendants(os.getpid()):
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"flower-supernode" in cmd and tag in cmd:
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.2)
+
+    return threading.Thread(target=kill), killed
