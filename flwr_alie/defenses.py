@@ -52,6 +52,7 @@ from flwr_alie.aggregators import (
     geometric_median,
     nearest_neighbor_mixing,
 )
+from flwr_alie.aggregators._blocks import column_blocks
 from flwr_alie.params import (
     Layers,
     PackSpec,
@@ -110,7 +111,11 @@ def _screen(
         global_layers,
         names=[views[i].name for i in keep],
     )
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).tolist()
+    # float64 squares read through cache-sized blocks: no (n, d) float64 copy of x
+    squares = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for _, block in column_blocks(x, torch.float64):
+        squares += block.square().sum(dim=1)
+    norms = squares.sqrt().tolist()
     good = [j for j, norm in enumerate(norms) if norm <= _LARGEST_NORM]  # NaN: False
     for j in sorted(set(range(len(keep))) - set(good)):
         why = (
