@@ -69,6 +69,11 @@ class StrategyWrapper(Strategy):
         self.strategy = strategy
         self.round_model = RoundModel()
 
+    @property
+    def weight_key(self) -> str:
+        """The MetricRecord key the wrapped strategy weighs replies by."""
+        return str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+
     def _log_settings(self) -> None:
         """Log this wrapper's own settings (Flower's summary style)."""
         log(INFO, "\t├──> %r", self)

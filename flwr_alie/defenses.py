@@ -365,7 +365,7 @@ class NNM(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Mix the updates, then delegate."""
-        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        weight_key = self.weight_key
         screened = _screen(
             server_round, replies, self.round_model.layers(server_round), weight_key,
             "NNM",
@@ -431,7 +431,7 @@ class Bucketing(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average random buckets, then delegate one reply per bucket."""
-        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        weight_key = self.weight_key
         screened = _screen(
             server_round, replies, self.round_model.layers(server_round), weight_key,
             "Bucketing",

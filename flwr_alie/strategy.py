@@ -26,7 +26,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import Strategy
 
 from flwr_alie._wrapping import StrategyWrapper, describe
-from flwr_alie.config import TAG_RECORD_KEY, ALIEConfig
+from flwr_alie.config import TAG_PARTITION_ID, TAG_RECORD_KEY, ALIEConfig
 from flwr_alie.engine import KEY_BELOW_LIMIT, KEY_SECONDS, RoundEngine, RoundResult
 from flwr_alie.limits import replies_problems
 from flwr_alie.params import arrays_from_layers, layers_from_record, record_from_layers
@@ -125,7 +125,7 @@ class ALIEStrategy(StrategyWrapper):
         replies = list(replies)
         valid = sorted((m for m in replies if not m.has_error()), key=_order)
         errors = [m for m in replies if m.has_error()]
-        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        weight_key = self.weight_key
         views = [message_view(m, weight_key) for m in valid]
         result = self.engine.attack(
             server_round, views, self.round_model.layers(server_round)
@@ -162,7 +162,7 @@ _UNCRAFTED = "Byzantine node without a crafted update"
 
 def _order(message: Message) -> tuple[int, int]:
     tag = message.content.get(TAG_RECORD_KEY)
-    partition = tag.get("partition-id") if isinstance(tag, ConfigRecord) else None
+    partition = tag.get(TAG_PARTITION_ID) if isinstance(tag, ConfigRecord) else None
     return reply_order(partition, message.metadata.src_node_id)
 
 
