@@ -1,6 +1,8 @@
 """Hand-built Flower messages and a recording inner strategy: tests without a run."""
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from flwr.app import (
@@ -128,3 +130,21 @@ class StubGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+
+@contextlib.contextmanager
+def flwr_log(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """Collect what is logged through Flower's logger at `level` and above."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=level)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("flwr")
+    previous = logger.level
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)

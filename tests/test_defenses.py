@@ -15,6 +15,7 @@ from tests.flower_helpers import (
     RecordingFedAvg,
     StubGrid,
     error_reply,
+    flwr_log,
     layers_of,
     record,
     train_reply,
@@ -202,20 +203,8 @@ def test_bad_options(make, error, match):
     ],
 )
 def test_every_defence_has_a_summary_naming_its_settings(make, named):
-    import logging
-
-    records = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with flwr_log() as records:
         make().summary()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     text = "\n".join(r.getMessage() for r in records)
     assert named in text
     assert text.index(named) < text.index("Sampling:")  # then FedAvg's own summary

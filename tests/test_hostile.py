@@ -28,7 +28,7 @@ from flwr_alie.config import draw_byzantine
 from flwr_alie.defenses import NNM, Bucketing, CenteredClipping, GeometricMedian
 from flwr_alie.evaluation.grid import byzantine_ids, count_for
 from flwr_alie.params import parameters_from_layers
-from tests.flower_helpers import StubGrid, metadata, record, train_reply
+from tests.flower_helpers import StubGrid, flwr_log, metadata, record, train_reply
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -38,13 +38,8 @@ HONEST = [[11.0, 10.0], [12.0, 12.0], [13.0, 14.0], [11.5, 11.0]]
 
 @pytest.fixture
 def warnings():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield lambda: [r.getMessage() for r in records]
-    logger.removeHandler(handler)
+    with flwr_log(logging.WARNING) as records:
+        yield lambda: [r.getMessage() for r in records]
 
 
 def _layers(w, dtype=np.float32):

@@ -5,7 +5,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from flwr_alie import ALIEConfig, ALIEStrategy
 from flwr_alie.momentum import ServerMomentum
-from tests.flower_helpers import StubGrid, record, train_reply
+from tests.flower_helpers import StubGrid, flwr_log, record, train_reply
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -67,20 +67,8 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_server_momentum_has_a_summary_naming_its_settings():
-    import logging
-
-    records = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with flwr_log() as records:
         ServerMomentum(FedAvg(), lr=0.1, momentum=0.9).summary()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     text = "\n".join(r.getMessage() for r in records)
     assert "ServerMomentum(FedAvg(...), lr=0.1, momentum=0.9)" in text
     assert "Sampling:" in text

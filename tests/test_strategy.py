@@ -32,6 +32,7 @@ from tests.flower_helpers import (
     RecordingFedAvg,
     StubGrid,
     error_reply,
+    flwr_log,
     layers_of,
     record,
     train_reply,
@@ -48,13 +49,8 @@ CRAFTED_Z1 = np.array([12 - math.sqrt(2 / 3), 12 - math.sqrt(8 / 3)], np.float32
 @pytest.fixture
 def flwr_warnings():
     """Collect what flwr-alie logs through Flower's logger."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    with flwr_log(logging.WARNING) as records:
+        yield records
 
 
 def layers(w, steps=5):
@@ -385,16 +381,10 @@ def test_robust_strategies_that_consume_replies_still_aggregate(make):
 
 
 def test_summary_logs_settings_then_the_inner_summary(caplog):
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("flwr").addHandler(handler)
-    try:
+    with flwr_log() as records:
         ALIEStrategy(
             Krum(num_malicious_nodes=2), ALIEConfig(z=1.5, device="cpu")
         ).summary()
-    finally:
-        logging.getLogger("flwr").removeHandler(handler)
     text = [r.getMessage() for r in records]
     alie_line = next(i for i, t in enumerate(text) if "ALIE attack" in t)
     krum_line = next(i for i, t in enumerate(text) if "Krum settings" in t)
