@@ -118,13 +118,31 @@ alie_mod: Mod = make_alie_mod()
 
 
 def _options(msg: Message, ctxt: Context) -> ALIEConfig:
-    """Parse the run config's ``alie.*`` keys, overridden by the message's own."""
-    merged: dict[str, object] = dict(ctxt.run_config)
-    for record in msg.content.config_records.values():
-        merged.update(
-            {k: v for k, v in record.items() if k.startswith(RUN_CONFIG_PREFIX)}
-        )
-    return ALIEConfig.from_run_config(merged)
+    """Parse the run config's ``alie.*`` keys, overridden by the message's own.
+
+    The options parsed last are kept by their keys and values: a node that plays
+    many partitions of one cell (the evaluation's blocks) parses them once.
+    """
+    merged: dict[str, object] = {
+        k: v for k, v in ctxt.run_config.items() if k.startswith(RUN_CONFIG_PREFIX)
+    }
+    for record in msg.content.values():  # not .config_records: it copies
+        if isinstance(record, ConfigRecord):
+            merged.update(
+                {k: v for k, v in record.items() if k.startswith(RUN_CONFIG_PREFIX)}
+            )
+    key = tuple(sorted((k, repr(v)) for k, v in merged.items()))
+    options = _parsed.get(key)
+    if options is None:
+        options = ALIEConfig.from_run_config(merged)  # raises for bad options
+        if len(_parsed) >= _PARSED_KEPT:
+            _parsed.clear()
+        _parsed[key] = options
+    return options
+
+
+_PARSED_KEPT = 64
+_parsed: dict[tuple[tuple[str, str], ...], ALIEConfig] = {}
 
 
 def _partition(ctxt: Context, options: ALIEConfig) -> tuple[int, int]:

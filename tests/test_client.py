@@ -185,3 +185,30 @@ def test_mod_takes_alie_keys_of_the_message_over_the_run_config():
     ctxt = context({"partition-id": 7}, {"alie.byzantine-ids": "1"})
     reply = alie_mod(msg, ctxt, Trainer())
     assert reply.content[TAG_RECORD_KEY]["byzantine"] is True
+
+
+def test_mod_reads_each_messages_own_options_also_when_it_parsed_them_before():
+    # the mod keeps the options it parsed by their keys and values: a changed
+    # value in the same record is a new parse, and a bad one is an error each time
+    ctxt = context({"partition-id": 3}, {"alie.byzantine-ids": "1"})
+    msg = instruction()
+    seen = []
+    for ids in ["3", "1", "3", "1,3", "x", "3"]:
+        msg.content["config"]["alie.byzantine-ids"] = ids
+        reply = alie_mod(msg, ctxt, Trainer())
+        seen.append(
+            "error" if reply.has_error() else reply.content[TAG_RECORD_KEY]["byzantine"]
+        )
+    assert seen == [True, False, True, True, "error", True]
+    # the run config's keys count too, and 1 and 1.0 and True are told apart
+    for z, expected in [(1, 1.0), (True, "error"), (1.5, 1.5)]:
+        assert mod_options(z) == expected
+
+
+def mod_options(z):
+    from flwr_alie.mod import _options
+
+    try:
+        return _options(instruction(), context({}, {"alie.z": z})).z
+    except (TypeError, ValueError):
+        return "error"

@@ -50,6 +50,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from torch import nn
 
+from flwr_alie.evaluation.flower_patches import records_without_casts
 from flwr_alie.evaluation.task import (
     StepsJob,
     StepsResult,
@@ -310,6 +311,7 @@ def run_block(message: Message, context: Context, inner: ClientApp) -> Message:
     exception becomes its error reply, logged with its partition id.
     """
     _use_threads(int(context.run_config.get("cpus-per-client", 1)))
+    records_without_casts()  # this process is the evaluation's own (a Ray actor)
     block = open_block(message)
     positions = range(len(block.messages))
     contexts = [_partition_context(context, block, j) for j in positions]

@@ -35,6 +35,7 @@ from flwr_alie.evaluation.flower_patches import (
     collect_young_generation_only,
     keep_progress_logs_only,
     read_arrays_with_cached_headers,
+    records_without_casts,
 )
 from flwr_alie.evaluation.grid import Cell, load_cells
 from flwr_alie.evaluation.nodes import BlockGrid, NodeSlots, wait_for_nodes
@@ -224,6 +225,7 @@ def _main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)
     collect_young_generation_only()
     read_arrays_with_cached_headers()
+    records_without_casts()
     if not config.get("verbose"):
         keep_progress_logs_only(PROGRESS_TAG)
     gc.freeze()  # what is loaded by now stays out of every later collection

@@ -258,3 +258,32 @@ def test_a_run_is_stopped_after_its_timeout_of_silence_or_in_all(
         assert seconds < 1.7
         assert "stopped after 0.8 s in all" in result.stdout
     assert result.returncode != 0
+
+
+_ENV_PRINTER = """#!{python}
+import os
+for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    print(name, os.environ.get(name), flush=True)
+"""
+
+
+@pytest.mark.parametrize("users", [None, "131072"])
+def test_flowers_processes_keep_freed_heap_unless_the_user_says_otherwise(
+    users, tmp_path, monkeypatch
+):
+    from flwr_alie.evaluation import runtime
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flwr").write_text(_ENV_PRINTER.format(python=sys.executable))
+    (fake / "flwr").chmod(0o755)
+    monkeypatch.setattr(runtime, "BIN", fake)  # a stand-in for Flower's command
+    if users is None:
+        monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", users)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    result = runtime.flwr_run(tmp_path, tmp_path, "", timeout=20, idle=True)
+    assert f"MALLOC_MMAP_THRESHOLD_ {64 << 20}" in result.stdout
+    trim = users if users is not None else str(256 << 20)
+    assert f"MALLOC_TRIM_THRESHOLD_ {trim}" in result.stdout

@@ -317,3 +317,41 @@ def test_logs_keep_warnings_and_progress_only():
     assert keep.filter(record(logging.INFO, "[tag] rounds %d"))
     assert not keep.filter(record(logging.INFO, "configure_train: Sampled %s"))
     assert not keep.filter(record(logging.INFO, MetricRecord({"a": 1.0})))
+
+
+_RECORD_VALUES = st.one_of(
+    st.integers(), st.floats(allow_nan=False), st.text(max_size=3), st.booleans(),
+    st.lists(st.integers(), max_size=3),
+    st.lists(st.floats(allow_nan=False), max_size=2),
+    st.lists(st.one_of(st.integers(), st.text(max_size=2)), max_size=3),
+    st.none(), st.binary(max_size=3), st.just(object()),
+    st.just(Array(np.ones(2, np.float32))), st.just(ConfigRecord({"a": 1})),
+)  # fmt: skip
+
+
+def _outcome(call):
+    try:
+        return "ok", call()
+    except Exception as err:  # the kind and the words of Flower's refusal
+        return type(err).__name__, str(err)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from([ConfigRecord, MetricRecord, ArrayRecord, RecordDict]),
+    key=st.one_of(st.text(max_size=4), st.integers(), st.none()),
+    value=_RECORD_VALUES,
+)
+def test_records_without_casts_set_get_and_list_items_as_flower_does(kind, key, value):
+    from flwr_alie.evaluation import flower_patches
+
+    flowers = flower_patches._flower_typed_dict
+    ours, theirs = kind(), kind()
+    set_ours = _outcome(lambda: flower_patches._setitem(ours, key, value))
+    set_theirs = _outcome(lambda: flowers["__setitem__"](theirs, key, value))
+    assert set_ours == set_theirs
+    assert _outcome(lambda: flower_patches._getitem(ours, key)) == _outcome(
+        lambda: flowers["__getitem__"](theirs, key)
+    )
+    assert list(flower_patches._items(ours)) == list(flowers["items"](theirs))
+    assert ours.__dict__["_data"] == theirs.__dict__["_data"]
