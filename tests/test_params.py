@@ -63,6 +63,35 @@ def test_unpack_inverts_pack(shapes, data, seed):
             np.testing.assert_array_equal(value, update[key])
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    shapes=layer_shapes,
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+    rows=st.integers(1, 4),
+)
+def test_pack_rounds_each_value_once_then_subtracts_in_its_dtype(
+    shapes, data, seed, dtype, rows
+):
+    # each packed value is (update converted to dtype) - (reference converted to
+    # dtype), one subtraction in dtype: the bits of that computation in torch, for
+    # every mix of layer dtypes (the CPU path reads a row in NumPy calls)
+    dtypes = [data.draw(layer_dtypes) for _ in shapes]
+    reference = model(seed, shapes, dtypes)
+    updates = [model(seed + 1 + r, shapes, dtypes) for r in range(rows)]
+    x, spec = pack(updates, reference, dtype=dtype)
+    assert x.dtype == dtype and x.shape == (rows, spec.d)
+    for r, update in enumerate(updates):
+        expected = [
+            torch.from_numpy(update[k]).reshape(-1).to(dtype)
+            - torch.from_numpy(reference[k]).reshape(-1).to(dtype)
+            for k in spec.packed_keys
+        ]
+        want = torch.cat(expected) if expected else torch.empty(0, dtype=dtype)
+        assert torch.equal(x[r], want)
+
+
 def test_pack_holds_differences_from_the_reference():
     reference = {
         "w": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),

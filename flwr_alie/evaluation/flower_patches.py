@@ -105,7 +105,7 @@ def keep_progress_logs_only(tag: str) -> None:
 
 _flower_typed_dict = {
     name: getattr(typeddict.TypedDict, name)
-    for name in ("__setitem__", "__getitem__", "items")
+    for name in ("__setitem__", "__getitem__", "__contains__", "__iter__", "items")
 }  # Flower's own methods, kept for the tests to compare with
 
 
@@ -120,18 +120,27 @@ def _getitem(self: typeddict.TypedDict[Any, Any], key: Any) -> Any:
     return self.__dict__["_data"][key]
 
 
+def _contains(self: typeddict.TypedDict[Any, Any], key: object) -> bool:
+    return key in self.__dict__["_data"]
+
+
+def _iter(self: typeddict.TypedDict[Any, Any]) -> Any:
+    return iter(self.__dict__["_data"])
+
+
 def _items(self: typeddict.TypedDict[Any, Any]) -> Any:
     return self.__dict__["_data"].items()
 
 
 def records_without_casts() -> None:
-    """Make setting, getting and listing a record's items skip ``typing.cast``.
+    """Make setting, getting, finding and listing a record's items skip ``cast``.
 
     ``TypedDict``, the base of Flower's ``ArrayRecord``, ``ConfigRecord``,
     ``MetricRecord`` and ``RecordDict``, writes ``cast(Callable[[K], None], f)`` for
-    each check of ``__setitem__`` and ``cast(dict[K, V], d)`` in ``__getitem__``
-    and ``items``: ``cast`` returns its argument, but its first argument, a typing
-    alias, is built anew on every call (about 1.5 us for ``Callable[[K], None]``).
+    each check of ``__setitem__`` and ``cast(dict[K, V], d)`` in ``__getitem__``,
+    ``__contains__``, ``__iter__`` and ``items``: ``typing.cast`` returns its
+    argument, but its first argument, a typing alias, is built anew on every call
+    (about 1.5 us for ``Callable[[K], None]``).
     ``RecordDict.array_records`` and ``metric_records`` rebuild a view item by item
     on every access, so a block of 51 partitions sets some 1,600 items on the
     ClientApp and as many when its strategy aggregates them: 2.5 ms of the 47 ms
@@ -141,4 +150,6 @@ def records_without_casts() -> None:
     typed = typeddict.TypedDict
     typed.__setitem__ = _setitem  # type: ignore[method-assign]
     typed.__getitem__ = _getitem  # type: ignore[method-assign]
+    typed.__contains__ = _contains  # type: ignore[method-assign]
+    typed.__iter__ = _iter  # type: ignore[method-assign]
     typed.items = _items  # type: ignore[method-assign]

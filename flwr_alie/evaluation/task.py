@@ -731,18 +731,24 @@ def _vectorised_group(
     """One grouped pass over jobs that share steps, lr, momentum and batch size."""
     first = jobs[0]
     names = [k for k, _ in model.named_parameters()]
-    params = {
-        k: torch.stack([job.weights[k] for job in jobs]).to(device) for k in names
-    }
+    params = {k: _stacked([job.weights[k] for job in jobs]).to(device) for k in names}
     state = {
-        k: torch.stack(
-            [
-                job.buffers[k]
-                if job.buffers and k in job.buffers
-                else torch.zeros_like(job.weights[k])
-                for job in jobs
-            ]
-        ).to(device)
+        k: (
+            torch.zeros(
+                (len(jobs), *first.weights[k].shape),
+                dtype=first.weights[k].dtype,
+                device=device,
+            )
+            if not any(job.buffers and k in job.buffers for job in jobs)
+            else torch.stack(
+                [
+                    job.buffers[k]
+                    if job.buffers and k in job.buffers
+                    else torch.zeros_like(job.weights[k])
+                    for job in jobs
+                ]
+            ).to(device)
+        )
         for k in names
     }
     batches = [
@@ -778,6 +784,18 @@ def _vectorised_group(
         )
         for j in range(len(jobs))
     ]
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; one copy of a tensor that every job shares.
+
+    A block's jobs start from the same global model: the same tensor objects.
+    """
+    first = tensors[0]
+    if all(t is first for t in tensors):
+        stacked = first.unsqueeze(0).expand(len(tensors), *first.shape)
+        return stacked.clone(memory_format=torch.contiguous_format)  # a copy
+    return torch.stack(list(tensors))
 
 
 def grouped_logits(

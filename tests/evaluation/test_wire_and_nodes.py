@@ -354,4 +354,9 @@ def test_records_without_casts_set_get_and_list_items_as_flower_does(kind, key, 
         lambda: flowers["__getitem__"](theirs, key)
     )
     assert list(flower_patches._items(ours)) == list(flowers["items"](theirs))
+    assert list(flower_patches._iter(ours)) == list(flowers["__iter__"](theirs))
+    for probe in (key, "absent"):
+        assert flower_patches._contains(ours, probe) == flowers["__contains__"](
+            theirs, probe
+        )
     assert ours.__dict__["_data"] == theirs.__dict__["_data"]
