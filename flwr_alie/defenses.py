@@ -101,7 +101,7 @@ def _screen(
     )
     failures = [m for m in replies if m.has_error()]
     views = [message_view(m, weight_key) for m in valid]
-    rejected = validate(server_round, views, global_layers)
+    rejected = validate(server_round, views, global_layers, who)
     failures += [as_failure(valid[i], why) for i, why in rejected.items()]
     keep = [i for i in range(len(valid)) if i not in rejected]
     if global_layers is None or not keep:

@@ -94,9 +94,15 @@ class Reply:
 
 
 def validate(
-    server_round: int, replies: Sequence[Reply], global_layers: Layers | None
+    server_round: int,
+    replies: Sequence[Reply],
+    global_layers: Layers | None,
+    who: str = "ALIE",
 ) -> dict[int, str]:
     """Return the replies no strategy should see, index -> why, each logged.
+
+    Each warning starts with `who` and the round (``"ALIE round 3: ..."``; a
+    defence that screens its own replies names itself).
 
     A reply is set aside when its adapter found a problem with its tag or records;
     when its sample count is not a finite number > 0; when its metric keys differ
@@ -123,8 +129,8 @@ def validate(
                 seen[reply.partition] = reply.name
         if problem is not None:
             found[i] = problem
-            log(WARNING, "ALIE round %d: %s: %s; the reply goes on as a failure",
-                server_round, reply.name, problem)  # fmt: skip
+            log(WARNING, "%s round %d: %s: %s; the reply goes on as a failure",
+                who, server_round, reply.name, problem)  # fmt: skip
     return found
 
 

@@ -81,7 +81,8 @@ def test_pack_rounds_each_value_once_then_subtracts_in_its_dtype(
     reference = model(seed, shapes, dtypes)
     updates = [model(seed + 1 + r, shapes, dtypes) for r in range(rows)]
     x, spec = pack(updates, reference, dtype=dtype)
-    assert x.dtype == dtype and x.shape == (rows, spec.d)
+    assert x.dtype == dtype
+    assert x.shape == (rows, spec.d)
     for r, update in enumerate(updates):
         expected = [
             torch.from_numpy(update[k]).reshape(-1).to(dtype)
