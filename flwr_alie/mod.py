@@ -120,8 +120,9 @@ alie_mod: Mod = make_alie_mod()
 def _options(msg: Message, ctxt: Context) -> ALIEConfig:
     """Parse the run config's ``alie.*`` keys, overridden by the message's own.
 
-    The options parsed last are kept by their keys and values: a node that plays
-    many partitions of one cell (the evaluation's blocks) parses them once.
+    Parsed options are kept (the last 64 sets at most) by their keys and values:
+    a node that plays many partitions of one cell (the evaluation's blocks) parses
+    them once.
     """
     merged: dict[str, object] = {
         k: v for k, v in ctxt.run_config.items() if k.startswith(RUN_CONFIG_PREFIX)

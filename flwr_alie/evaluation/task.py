@@ -732,25 +732,7 @@ def _vectorised_group(
     first = jobs[0]
     names = [k for k, _ in model.named_parameters()]
     params = {k: _stacked([job.weights[k] for job in jobs]).to(device) for k in names}
-    state = {
-        k: (
-            torch.zeros(
-                (len(jobs), *first.weights[k].shape),
-                dtype=first.weights[k].dtype,
-                device=device,
-            )
-            if not any(job.buffers and k in job.buffers for job in jobs)
-            else torch.stack(
-                [
-                    job.buffers[k]
-                    if job.buffers and k in job.buffers
-                    else torch.zeros_like(job.weights[k])
-                    for job in jobs
-                ]
-            ).to(device)
-        )
-        for k in names
-    }
+    state = {k: _buffers(jobs, k, device) for k in names}
     batches = [
         minibatches(len(job.data), job.batch_size, job.steps, job.seed) for job in jobs
     ]
@@ -796,6 +778,22 @@ def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         stacked = first.unsqueeze(0).expand(len(tensors), *first.shape)
         return stacked.clone(memory_format=torch.contiguous_format)  # a copy
     return torch.stack(list(tensors))
+
+
+def _buffers(jobs: Sequence[StepsJob], key: str, device: torch.device) -> torch.Tensor:
+    """Return the jobs' momentum buffers of `key`, stacked (zeros where none)."""
+    weights = jobs[0].weights[key]
+    if not any(job.buffers and key in job.buffers for job in jobs):
+        shape = (len(jobs), *weights.shape)
+        return torch.zeros(shape, dtype=weights.dtype, device=device)
+    return torch.stack(
+        [
+            job.buffers[key]
+            if job.buffers and key in job.buffers
+            else torch.zeros_like(job.weights[key])
+            for job in jobs
+        ]
+    ).to(device)
 
 
 def grouped_logits(
