@@ -234,17 +234,23 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("idle", [True, False])
-def test_a_run_is_stopped_after_its_timeout_of_silence_or_in_all(
-    idle, tmp_path, monkeypatch
-):
+def _stand_in_flwr(script, tmp_path, monkeypatch):
+    """Put `script` where the runtime looks for Flower's `flwr`; return the runtime."""
     from flwr_alie.evaluation import runtime
 
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "flwr").write_text(_TALKER.format(python=sys.executable))
+    (fake / "flwr").write_text(script.format(python=sys.executable))
     (fake / "flwr").chmod(0o755)
-    monkeypatch.setattr(runtime, "BIN", fake)  # a stand-in for Flower's command
+    monkeypatch.setattr(runtime, "BIN", fake)
+    return runtime
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_run_is_stopped_after_its_timeout_of_silence_or_in_all(
+    idle, tmp_path, monkeypatch
+):
+    runtime = _stand_in_flwr(_TALKER, tmp_path, monkeypatch)
     started = time.monotonic()
     result = runtime.flwr_run(tmp_path, tmp_path, "", timeout=0.8, idle=idle)
     seconds = time.monotonic() - started
@@ -271,13 +277,7 @@ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
 def test_flowers_processes_keep_freed_heap_unless_the_user_says_otherwise(
     users, tmp_path, monkeypatch
 ):
-    from flwr_alie.evaluation import runtime
-
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "flwr").write_text(_ENV_PRINTER.format(python=sys.executable))
-    (fake / "flwr").chmod(0o755)
-    monkeypatch.setattr(runtime, "BIN", fake)  # a stand-in for Flower's command
+    runtime = _stand_in_flwr(_ENV_PRINTER, tmp_path, monkeypatch)
     if users is None:
         monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     else:
