@@ -691,12 +691,13 @@ def run_steps_vectorised(
     (:func:`grouped_logits`). `model` only describes the layers: it is neither
     trained nor changed. Each job's minibatches and update rule are exactly
     :func:`train_steps`'s, so a job's result equals :func:`run_steps`'s up to
-    floating-point rounding, where a grouped convolution sums in another order
-    (within ``1e-5`` relative after a step; the MLP's batched products give the
-    same bits). Jobs that differ in steps, learning rate, momentum or minibatch
-    size run in separate passes. On another `device` (``"cuda"``) the pass runs
-    there, from the same minibatches (drawn on the CPU), and the results come back
-    to the CPU.
+    floating-point rounding, where a grouped convolution or a batched product sums
+    in another order than the loop (within ``1e-5`` relative after a step; the
+    MLP's batched products give the same bits on some CPUs, not on all: BLAS picks
+    its kernel by shape and by machine). Jobs that differ in steps, learning rate,
+    momentum or minibatch size run in separate passes. On another `device`
+    (``"cuda"``) the pass runs there, from the same minibatches (drawn on the CPU),
+    and the results come back to the CPU.
 
     Raises
     ------

@@ -169,8 +169,8 @@ def test_byzantine_partitions_of_a_block_are_tagged_and_skip_training():
     assert all(torch.equal(skipped[k], v) for k, v in start.items())
 
 
-@pytest.mark.parametrize(("model", "exact"), [("mlp", True), ("cnn", False)])
-def test_a_vectorised_block_equals_the_loop(model, exact):
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_a_vectorised_block_equals_the_loop(model):
     start = _model(model).state_dict()
     partitions = [0, 2, 3, 7]
     results = {}
@@ -186,13 +186,8 @@ def test_a_vectorised_block_equals_the_loop(model, exact):
         results[vectorised] = rounds
     for loop, vector in zip(results[False], results[True], strict=True):
         for a, b in zip(loop, vector, strict=True):
-            for key, value in _arrays(a).items():
-                if exact:  # the MLP's batched products give the same bits
-                    assert torch.equal(_arrays(b)[key], value), key
-                else:
-                    torch.testing.assert_close(
-                        _arrays(b)[key], value, rtol=1e-5, atol=1e-6
-                    )
+            for key, value in _arrays(a).items():  # float32 rounding apart
+                torch.testing.assert_close(_arrays(b)[key], value, rtol=1e-5, atol=1e-6)
             la = a.content.metric_records["metrics"].get("train-loss")
             lb = b.content.metric_records["metrics"].get("train-loss")
             assert (la is None) == (lb is None)  # Byzantine partition 3 skips

@@ -405,15 +405,12 @@ def test_the_vectorised_pass_equals_the_loop(kind, features, shape, with_buffers
             for j in jobs]  # fmt: skip
     for v, r in zip(vectorised, loop, strict=True):
         assert v.loss == pytest.approx(r.loss, rel=1e-5)
-        for key in r.weights:
-            if kind == "mlp":  # batched matrix products: the same bits
-                assert torch.equal(v.weights[key], r.weights[key]), key
-                assert torch.equal(v.buffers[key], r.buffers[key]), key
-            else:  # grouped convolutions sum in another order
-                torch.testing.assert_close(v.weights[key], r.weights[key],
-                                           rtol=1e-5, atol=1e-6)  # fmt: skip
-                torch.testing.assert_close(v.buffers[key], r.buffers[key],
-                                           rtol=1e-5, atol=1e-6)  # fmt: skip
+        for key in r.weights:  # batched products and grouped convolutions may
+            # sum in another order than the loop's (BLAS picks its kernel by shape)
+            torch.testing.assert_close(v.weights[key], r.weights[key],
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            torch.testing.assert_close(v.buffers[key], r.buffers[key],
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
     for job, saved in zip(jobs, before, strict=True):  # inputs untouched
         assert all(torch.equal(job.buffers[k], v) for k, v in saved.items())
     # the model only describes the layers: it is not trained
