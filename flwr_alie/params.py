@@ -347,10 +347,13 @@ def torch_views_of_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def array_from_numpy(value: NDArray[np.generic]) -> Array:
     """Return ``Array(value)`` with the ``.npy`` header of each layout made once.
 
-    The same ``Array`` (the same bytes) as Flower's ``Array(ndarray)``, which runs
-    ``np.save`` and formats the header afresh for every array: most of the cost for
-    the small arrays of a model's layers. Object arrays go through Flower's own
-    constructor (which refuses them).
+    The same ``Array`` (the same bytes, the same fields) as Flower's
+    ``Array(ndarray)``, which runs ``np.save`` and formats the header afresh for
+    every array: most of the cost for the small arrays of a model's layers. The
+    fields are set as Flower's constructor sets them once it has parsed its
+    arguments, without the parsing (which takes ten times as long as the rest; the
+    tests compare the two). Object arrays go through Flower's own constructor
+    (which refuses them).
     """
     array = np.asarray(value)
     if array.dtype.hasobject:
@@ -358,7 +361,11 @@ def array_from_numpy(value: NDArray[np.generic]) -> Array:
     fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
     header, dtype, shape = _npy_header(array.dtype, fortran, array.shape)
     data = header + array.tobytes(order="F" if fortran else "C")
-    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+    made = object.__new__(Array)
+    made.__dict__.update(
+        _is_dirty=True, dtype=dtype, shape=shape, stype="numpy.ndarray", data=data
+    )
+    return made
 
 
 @functools.lru_cache(maxsize=4096)
@@ -435,17 +442,22 @@ def npy_view(data: bytes) -> NDArray[np.generic] | None:
     The header of each layout is parsed once (cached): what ``np.load`` spends most
     of its time on for a small array.
     """
-    if data[:6] != b"\x93NUMPY" or data[6:8] not in (b"\x01\x00", b"\x02\x00"):
+    magic = data[:8]
+    if magic == _NPY_V1:  # what np.save writes, and array_from_numpy
+        end = 10 + int.from_bytes(data[8:10], "little")
+    elif magic == _NPY_V2:
+        end = 12 + int.from_bytes(data[8:12], "little")
+    else:
         return None
-    size_bytes = 2 if data[6] == 1 else 4
-    start = 8 + size_bytes
-    header_len = int.from_bytes(data[8:start], "little")
-    parsed = _parse_header(data[: start + header_len])
+    parsed = _parse_header(data[:end])
     if parsed is None:
         return None
     shape, fortran, dtype, count = parsed
-    view = np.frombuffer(data, dtype=dtype, count=count, offset=start + header_len)
-    return view.reshape(shape, order="F" if fortran else "C")
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    return view.reshape(shape, order="F") if fortran else view.reshape(shape)
+
+
+_NPY_V1, _NPY_V2 = b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00"
 
 
 @functools.lru_cache(maxsize=4096)

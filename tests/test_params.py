@@ -11,6 +11,7 @@ from flwr_alie.params import (
     layers_from_parameters,
     layers_from_record,
     layers_from_reply,
+    npy_view,
     pack,
     pack_aggregate,
     parameters_from_layers,
@@ -269,3 +270,38 @@ def test_a_reply_with_several_array_records_is_refused_by_name():
         ValueError, match=r"partition 3: expected one ArrayRecord.*got 2"
     ):
         layers_from_reply(message, "partition 3")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), max_size=3).map(tuple),
+    dtype=st.sampled_from(["<f4", ">f8", "<f2", "<i8", "|b1", "|u1"]),
+    fortran=st.booleans(),
+    version=st.sampled_from([(1, 0), (2, 0), (3, 0)]),
+)
+def test_npy_view_reads_what_np_load_reads(shape, dtype, fortran, version):
+    import io
+
+    array = np.arange(int(np.prod(shape)), dtype=np.int64).astype(dtype)
+    array = array.reshape(shape, order="F" if fortran else "C")
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, array, version=version)
+    data = stream.getvalue()
+    view = npy_view(data)
+    if version == (3, 0):  # utf-8 headers: not read here (np.load's path)
+        assert view is None
+        return
+    expected = np.load(io.BytesIO(data))
+    assert view is not None
+    assert view.dtype == expected.dtype
+    assert view.shape == expected.shape
+    assert view.flags.f_contiguous == expected.flags.f_contiguous
+    assert not view.flags.writeable
+    np.testing.assert_array_equal(view, expected)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\x93NUMPY", b"\x93NUMPY\x01", b"PK\x03\x04" + bytes(60), b"x" * 200]
+)
+def test_npy_view_refuses_what_is_not_npy(data):
+    assert npy_view(data) is None

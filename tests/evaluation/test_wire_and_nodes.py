@@ -274,6 +274,15 @@ def test_arrays_are_serialized_as_flower_serializes_them(array, fortran):
         flowers.stype,
         flowers.data,
     )
+    # the same object as far as Flower can tell: fields, their order, the dirty
+    # flag, the content id, and what it reads back
+    assert list(ours.__dict__.items()) == list(flowers.__dict__.items())
+    assert ours == flowers
+    assert ours.is_dirty
+    assert flowers.is_dirty
+    assert ours.object_id == flowers.object_id
+    assert ours.deflate() == flowers.deflate()
+    np.testing.assert_array_equal(ours.numpy(), flowers.numpy())
 
 
 @settings(max_examples=60, deadline=None)
