@@ -369,3 +369,54 @@ def test_records_without_casts_set_get_and_list_items_as_flower_does(kind, key, 
             theirs, probe
         )
     assert ours.__dict__["_data"] == theirs.__dict__["_data"]
+
+
+_RECORDS = st.sampled_from(
+    [
+        lambda: ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+        lambda: MetricRecord({"m": 1.0}),
+        lambda: ConfigRecord({"c": "x"}),
+    ]
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    records=st.lists(st.tuples(st.text(min_size=1, max_size=3), _RECORDS), max_size=6),
+    view=st.sampled_from(["array_records", "metric_records", "config_records"]),
+    new=_RECORDS,
+)
+def test_record_views_without_casts_are_flowers_views(records, view, new):
+    from flwr_alie.evaluation import flower_patches
+
+    def build():
+        return RecordDict({key: make() for key, make in records}), new()
+
+    (ours, new_ours), (theirs, new_theirs) = build(), build()
+    patched = {
+        "array_records": flower_patches._array_records,
+        "metric_records": flower_patches._metric_records,
+        "config_records": flower_patches._config_records,
+    }[view](ours)
+    flowers = flower_patches._flower_views[view].fget(theirs)
+    assert type(patched) is type(flowers)
+    assert patched.allowed_type is flowers.allowed_type
+    assert patched.recorddict is ours
+    assert [(k, type(r)) for k, r in patched.items()] == [
+        (k, type(r)) for k, r in flowers.items()
+    ]
+    assert all(patched[k] is ours[k] for k in patched)
+    # the RecordDict is unchanged
+    assert [(k, type(r)) for k, r in ours.items()] == [
+        (k, type(r)) for k, r in theirs.items()
+    ]
+    # both write through to their RecordDict, and refuse the same records
+    assert _outcome(lambda: patched.__setitem__("new", new_ours)) == _outcome(
+        lambda: flowers.__setitem__("new", new_theirs)
+    )
+    assert [(k, type(r)) for k, r in ours.items()] == [
+        (k, type(r)) for k, r in theirs.items()
+    ]
+    if "new" in patched:
+        del patched["new"], flowers["new"]
+        assert list(ours) == list(theirs)
