@@ -8,6 +8,7 @@ here once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import random
 from collections.abc import Mapping
@@ -249,6 +250,7 @@ class ALIEConfig:
         return {RUN_CONFIG_PREFIX + key: value for key, value in values.items()}
 
 
+@functools.lru_cache(maxsize=256)  # the mod asks once per partition and round
 def draw_byzantine(n: int, count: int, seed: int) -> tuple[int, ...]:
     """Return the Byzantine partitions of `seed`: the first `count` of a permutation.
 

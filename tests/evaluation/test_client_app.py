@@ -1,5 +1,7 @@
 """The evaluation's ClientApp, called as Flower calls it: blocks of partitions."""
 
+import gc
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -251,3 +253,26 @@ def test_each_partition_runs_with_its_own_node_config_and_state():
 def test_an_empty_config_record_is_refused_naming_the_first_key():
     with pytest.raises(ValueError, match=r"'task.cell'"):
         TaskOptions.from_record(ConfigRecord())
+
+
+def test_a_block_prepares_its_process_once(monkeypatch):
+    from flwr.app.message import typeddict
+
+    from flwr_alie.evaluation import client_app as module
+    from flwr_alie.evaluation import flower_patches
+
+    monkeypatch.setattr(module, "_process", [])  # as in a fresh Ray actor
+    setitem = typeddict.TypedDict.__setitem__
+    monkeypatch.setattr(  # restored after the test, whatever it was
+        typeddict.TypedDict, "__setitem__", lambda *args: setitem(*args)
+    )
+    gc.unfreeze()
+    try:
+        _run(_model().state_dict(), _config(steps=1), [1], _context())
+        frozen = gc.get_freeze_count()
+        assert frozen > 0  # what the first block loaded is out of the collections
+        assert typeddict.TypedDict.__setitem__ is flower_patches._setitem
+        _run(_model().state_dict(), _config(steps=1), [2], _context())
+        assert gc.get_freeze_count() == frozen  # once a process
+    finally:
+        gc.unfreeze()
