@@ -15,8 +15,8 @@ median, the trimmed mean and Krum, each clean and under ALIE (z = 1.5, oracle), 
   one alone, then two at once, one a core (the cells are independent), timed over
   the same span; the best of three of each. The floor on two cores is the two
   processes' rates added up; twice the rate of one alone is printed beside it
-  (two processes share the caches and the memory bus, and are slower than one
-  alone).
+  (two processes share the caches and the memory bus, and may be slower than one
+  alone: 8% on one machine, not at all on another).
 - **K = 1** and **K = n**: ``flwr-alie`` itself (Flower's Simulation Engine, one
   Flower message per client, or one per cell-round), watched from outside: start-up
   is the time from launch to the first round's row, steady throughput the rate of
