@@ -287,3 +287,65 @@ def test_flowers_processes_keep_freed_heap_unless_the_user_says_otherwise(
     assert f"MALLOC_MMAP_THRESHOLD_ {64 << 20}" in result.stdout
     trim = users if users is not None else str(256 << 20)
     assert f"MALLOC_TRIM_THRESHOLD_ {trim}" in result.stdout
+
+
+_FINISHER = """#!{python}
+import pathlib, sys, time
+print("rounds 1", flush=True)
+time.sleep(0.3)
+pathlib.Path(sys.argv[2]).parent.joinpath("done").touch()  # APP/done: the app's end
+print("a last line", flush=True)  # within the grace: still read
+time.sleep(60)  # Flower's own wind-down, which is not waited for
+"""
+
+
+def test_a_run_whose_app_says_it_is_done_is_stopped_after_a_grace(
+    tmp_path, monkeypatch
+):
+    runtime = _stand_in_flwr(_FINISHER, tmp_path, monkeypatch)
+    app = tmp_path / "app"
+    app.mkdir()
+    started = time.monotonic()
+    result = runtime.flwr_run(
+        tmp_path, app / "x", "", timeout=30, finished=app / "done", grace=0.5
+    )
+    seconds = time.monotonic() - started
+    assert 0.8 < seconds < 10  # not the 60 s of the stand-in's wind-down
+    assert "a last line" in result.stdout
+    assert "ERROR" not in result.stdout
+    assert result.returncode == 0
+
+
+def test_a_run_that_never_says_it_is_done_keeps_its_exit_status(tmp_path, monkeypatch):
+    runtime = _stand_in_flwr(
+        "#!{python}\nimport sys\nprint('failed', flush=True)\nsys.exit(3)\n",
+        tmp_path,
+        monkeypatch,
+    )
+    result = runtime.flwr_run(
+        tmp_path, tmp_path / "x", "", timeout=30, finished=tmp_path / "done"
+    )
+    assert result.returncode == 3
+
+
+@pytest.mark.parametrize("patience", [1.0, 3.0])
+def test_a_process_that_ignores_sigterm_is_killed_after_the_patience(patience):
+    import subprocess
+
+    from flwr_alie.evaluation import runtime
+
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\ntime.sleep(60)\n"
+    )
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert stubborn.stdout is not None
+    assert stubborn.stdout.readline() == b"ready\n"
+    started = time.monotonic()
+    runtime._stop([stubborn], patience=patience)
+    seconds = time.monotonic() - started
+    assert stubborn.poll() is not None  # killed
+    assert patience - 0.2 < seconds < patience + 2
