@@ -26,6 +26,7 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 
 __all__ = [
     "ALLOCATOR_ENV",
+    "RAY_ENV",
     "alive",
     "descendants",
     "flower_env",
@@ -73,8 +74,8 @@ def flower_env(home: Path) -> dict[str, str]:
     # paper preset's cells: 135,000 page faults a second in the ClientApp actors and
     # the ServerApp, 15.0 cell-rounds a second; with these, 130 a second and 19.0.
     # Allocations of 64 MiB and more still get their own mapping, given back on
-    # free. A user's own settings of these are kept.
-    for name, value in ALLOCATOR_ENV.items():
+    # free. A user's own settings of these, and of RAY_ENV's, are kept.
+    for name, value in {**ALLOCATOR_ENV, **RAY_ENV}.items():
         env.setdefault(name, value)
     return env
 
@@ -82,6 +83,21 @@ def flower_env(home: Path) -> dict[str, str]:
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+}
+
+RAY_ENV = {
+    # Ray returns an object over 100 KiB through its shared-memory object store,
+    # which the raylet serves: a block's reply (51 partitions of the 1-D CNN,
+    # 2.2 MB) cost the raylet 2.6 ms of CPU a cell-round on two cores; returned
+    # with the call's reply, 0.3 ms, and Ray's workers spent no more on it.
+    # Larger replies still go through the store.
+    "RAY_max_direct_call_object_size": str(16 << 20),
+    # A raylet starts default workers ahead of time for the first driver, but
+    # Flower's actors need workers started with Flower's runtime_env: those two
+    # were started, imported Ray on the cores the run's start-up needed, and sat
+    # idle for the whole run.
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 

@@ -349,3 +349,24 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_patience(patience):
     seconds = time.monotonic() - started
     assert stubborn.poll() is not None  # killed
     assert patience - 0.2 < seconds < patience + 2
+
+
+_RAY_ENV_PRINTER = """#!{python}
+import os
+for name in sorted(os.environ):
+    if name.startswith("RAY_"):
+        print(name, os.environ[name], flush=True)
+"""
+
+
+def test_rays_settings_reach_flowers_processes_unless_the_user_set_them(
+    tmp_path, monkeypatch
+):
+    runtime = _stand_in_flwr(_RAY_ENV_PRINTER, tmp_path, monkeypatch)
+    for name in runtime.RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_enable_worker_prestart", "1")  # the user's own
+    result = runtime.flwr_run(tmp_path, tmp_path, "", timeout=20, idle=True)
+    assert f"RAY_max_direct_call_object_size {16 << 20}" in result.stdout
+    assert "RAY_prestart_worker_first_driver 0" in result.stdout
+    assert "RAY_enable_worker_prestart 1" in result.stdout
