@@ -696,18 +696,19 @@ def _run(cells: list[Cell], out: Path, args: argparse.Namespace) -> bool:
         (app / "pyproject.toml").write_text(source.read_text())
         grid_path = home / "todo.json"
         save_cells(cells, grid_path)
+        done = home / "done"  # the ServerApp creates it once every row is written
         run_config = (
             f"grid-path='{grid_path}' results-path='{(out / RESULTS).resolve()}' "
             f"parallel={parallel} supernodes={supernodes} cli-pid={os.getpid()} "
             f"cpus-per-client={args.cpus_per_client} "
-            f"verbose={str(args.verbose).lower()} done-path='{home / 'done'}'"
+            f"verbose={str(args.verbose).lower()} done-path='{done}'"
         )
         federation = (
             f"num-supernodes={supernodes} "
             f"client-resources-num-cpus={args.cpus_per_client} "
             f"client-resources-num-gpus={args.gpus_per_client:g}"
         )
-        with superlink(home, simulation=True, finished=home / "done"):
+        with superlink(home, simulation=True, finished=done):
             result = flwr_run(
                 home,
                 app,
@@ -716,7 +717,7 @@ def _run(cells: list[Cell], out: Path, args: argparse.Namespace) -> bool:
                 timeout=args.timeout,
                 idle=True,
                 on_line=_printer(args.verbose),
-                finished=home / "done",
+                finished=done,
             )
     failed = result.returncode != 0 or "ERROR" in result.stdout
     if failed and not args.verbose:
