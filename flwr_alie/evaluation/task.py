@@ -51,6 +51,7 @@ __all__ = [
     "OFFLINE",
     "SPLITS",
     "Partition",
+    "StackedSteps",
     "StepsJob",
     "StepsResult",
     "TaskData",
@@ -65,6 +66,7 @@ __all__ = [
     "minibatches",
     "prepare",
     "run_steps",
+    "run_steps_stacked",
     "run_steps_vectorised",
     "train",
     "train_steps",
@@ -676,6 +678,31 @@ def run_steps(model: nn.Module, job: StepsJob) -> StepsResult:
     return StepsResult(weights, loss, buffers, time.perf_counter() - started)
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedSteps:
+    """The outcome of one grouped pass of :func:`run_steps_stacked`: several jobs.
+
+    Row ``r`` of each tensor of `weights` and `buffers` (``(J, *shape)``, on the
+    CPU) and ``losses[r]`` are job ``members[r]``'s (an index into the jobs
+    given); `seconds` is each job's share of all the passes' time.
+    """
+
+    members: tuple[int, ...]
+    weights: dict[str, torch.Tensor]
+    losses: tuple[float, ...]
+    buffers: dict[str, torch.Tensor]
+    seconds: float
+
+    def result(self, row: int) -> StepsResult:
+        """Return job ``members[row]``'s :class:`StepsResult` (views of the rows)."""
+        return StepsResult(
+            {k: v[row] for k, v in self.weights.items()},
+            self.losses[row],
+            {k: v[row] for k, v in self.buffers.items()},
+            self.seconds,
+        )
+
+
 def run_steps_vectorised(
     model: nn.Module,
     jobs: Sequence[StepsJob],
@@ -697,13 +724,34 @@ def run_steps_vectorised(
     its kernel by shape and by machine). Jobs that differ in steps, learning rate,
     momentum or minibatch size run in separate passes. On another `device`
     (``"cuda"``) the pass runs there, from the same minibatches (drawn on the CPU),
-    and the results come back to the CPU.
+    and the results come back to the CPU. The results are views of the passes'
+    stacked tensors (:func:`run_steps_stacked`).
 
     Raises
     ------
     ValueError
         If `model` holds buffers (BatchNorm statistics) or a layer the grouped
         pass does not know.
+    """
+    results: dict[int, StepsResult] = {}
+    for stacked in run_steps_stacked(model, jobs, device=device):
+        for row, i in enumerate(stacked.members):
+            results[i] = stacked.result(row)
+    return [results[i] for i in range(len(jobs))]
+
+
+def run_steps_stacked(
+    model: nn.Module,
+    jobs: Sequence[StepsJob],
+    *,
+    device: torch.device | str = "cpu",
+) -> list[StackedSteps]:
+    """:func:`run_steps_vectorised`, with each pass's results left stacked.
+
+    One :class:`StackedSteps` per pass (jobs that share steps, learning rate,
+    momentum and minibatch size), in the order of each pass's first job: a
+    caller that sends the clients' results on can send each tensor once, instead
+    of one slice per client.
     """
     if any(True for _ in model.buffers()):
         raise ValueError(
@@ -715,21 +763,25 @@ def run_steps_vectorised(
     for i, job in enumerate(jobs):
         take = min(job.batch_size, len(job.data))
         groups.setdefault((job.steps, job.lr, job.momentum, take), []).append(i)
-    results: dict[int, tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]
-    results = {}
-    for members in groups.values():
-        outcome = _vectorised_group(
-            model, [jobs[i] for i in members], torch.device(device)
-        )
-        results.update(zip(members, outcome, strict=True))
+    outcomes = [
+        (members, _vectorised_group(model, [jobs[i] for i in members], device))
+        for members in groups.values()
+    ]
     share = (time.perf_counter() - started) / max(1, len(jobs))
-    return [StepsResult(*results[i], share) for i in range(len(jobs))]
+    return [
+        StackedSteps(tuple(members), weights, losses, buffers, share)
+        for members, (weights, losses, buffers) in outcomes
+    ]
 
 
 def _vectorised_group(
-    model: nn.Module, jobs: Sequence[StepsJob], device: torch.device
-) -> list[tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]]:
-    """One grouped pass over jobs that share steps, lr, momentum and batch size."""
+    model: nn.Module, jobs: Sequence[StepsJob], device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], tuple[float, ...], dict[str, torch.Tensor]]:
+    """One grouped pass over jobs that share steps, lr, momentum and batch size.
+
+    Returns the stacked weights, the jobs' mean losses and the stacked buffers.
+    """
+    device = torch.device(device)
     first = jobs[0]
     names = [k for k, _ in model.named_parameters()]
     params = {k: _stacked([job.weights[k] for job in jobs]).to(device) for k in names}
@@ -759,14 +811,7 @@ def _vectorised_group(
     steps = max(first.steps, 1)
     params = {k: p.cpu() for k, p in params.items()}
     state = {k: v.cpu() for k, v in state.items()}
-    return [
-        (
-            {k: params[k][j] for k in names},
-            float(totals[j]) / steps,
-            {k: state[k][j] for k in names},
-        )
-        for j in range(len(jobs))
-    ]
+    return params, tuple(float(t) / steps for t in totals.tolist()), state
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
