@@ -18,10 +18,13 @@ is not vectorised, each call trains at once
 (:func:`~flwr_alie.evaluation.task.run_steps`, the reference). In a *vectorised*
 cell, a call's FedSGD job is collected instead (:class:`_Deferred`) and its reply
 completed once every partition of the block has been called: all the jobs run in
-one :func:`~flwr_alie.evaluation.task.run_steps_vectorised` pass, and each reply
-gets its arrays and metrics then. Until that moment a deferred reply holds no
-records, so the mods of :data:`partition_app` must not read the records of a train
-reply (the ALIE mod only adds its tag, or answers without training).
+one :func:`~flwr_alie.evaluation.task.run_steps_stacked` pass, and each reply gets
+its metrics then. The trained weights stay as the pass left them, one array a layer
+for all its partitions (:class:`~flwr_alie.evaluation.wire.Stacked`), and the
+ServerApp gives each partition its own record of its rows. Until that moment a
+deferred reply holds no records, so the mods of :data:`partition_app` must not read
+the records of a train reply, nor replace it (the ALIE mod only adds its tag, or
+answers without training).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from logging import ERROR
 from typing import TypeVar, cast
 
@@ -54,16 +57,16 @@ from torch import nn
 from flwr_alie.evaluation.flower_patches import records_without_casts
 from flwr_alie.evaluation.task import (
     StepsJob,
-    StepsResult,
     load_data,
     make_model,
     run_steps,
-    run_steps_vectorised,
+    run_steps_stacked,
     train,
 )
 from flwr_alie.evaluation.wire import (
     BLOCK_ACTION,
     Block,
+    Stacked,
     TaskOptions,
     close_block,
     open_block,
@@ -87,7 +90,8 @@ PARTITION_STATE_PREFIX = "partition/"
 """A partition's state in the node's ``Context.state``: ``partition/<p>/<key>``."""
 
 _CONFIG = "config"  # the ConfigRecord of Flower's train messages
-_ARRAYS = "arrays"  # their ArrayRecord
+_ARRAYS = "arrays"  # their ArrayRecord, and their replies'
+_METRICS = "metrics"  # the replies' MetricRecord
 
 
 def minibatch_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -128,17 +132,15 @@ def _train(msg: Message, context: Context) -> Message:
         msg.content.array_records[_ARRAYS], torch_views_of_record
     )
 
-    def content(
-        trained: dict[str, torch.Tensor], loss: float, seconds: float
-    ) -> RecordDict:
-        metrics: dict[str, int | float | list[int] | list[float]] = {
-            "train-loss": loss,
-            "num-examples": len(partition),
-            "local-steps": task.steps,
-            "train-seconds": seconds,
-        }
-        arrays = record_from_layers({k: v.detach().numpy() for k, v in trained.items()})
-        return RecordDict({_ARRAYS: arrays, "metrics": MetricRecord(metrics)})
+    def metrics(loss: float, seconds: float) -> MetricRecord:
+        return MetricRecord(
+            {
+                "train-loss": loss,
+                "num-examples": len(partition),
+                "local-steps": task.steps,
+                "train-seconds": seconds,
+            }
+        )
 
     if not task.steps:  # local epochs
         model = _model(architecture)
@@ -151,10 +153,10 @@ def _train(msg: Message, context: Context) -> Message:
             batch_size=task.batch_size,
             seed=seed,
         )
-        trained = dict(model.state_dict())
-        return Message(
-            content(trained, loss, time.perf_counter() - started), reply_to=msg
-        )
+        trained = _arrays(dict(model.state_dict()))
+        seconds = time.perf_counter() - started
+        content = RecordDict({_ARRAYS: trained, _METRICS: metrics(loss, seconds)})
+        return Message(content, reply_to=msg)
     key = WORKER_MOMENTUM_PREFIX + task.cell
     buffers = None
     if task.worker_momentum and key in context.state.array_records:
@@ -170,16 +172,20 @@ def _train(msg: Message, context: Context) -> Message:
         buffers=buffers,
     )
 
-    def finish(result: StepsResult) -> RecordDict:
+    def finish(
+        loss: float, seconds: float, buffers: Mapping[str, torch.Tensor]
+    ) -> MetricRecord:
         if task.worker_momentum and server_round < task.rounds:
-            context.state[key] = record_from_layers(
-                {k: v.numpy() for k, v in result.buffers.items()}
-            )
+            context.state[key] = _arrays(buffers)
         elif key in context.state:  # the cell's last round: nothing to keep
             del context.state[key]
-        return content(result.weights, result.loss, result.seconds)
+        return metrics(loss, seconds)
 
     return (_trainer.get() or _LOOP).steps(msg, architecture, job, finish)
+
+
+def _arrays(layers: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return record_from_layers({k: v.detach().numpy() for k, v in layers.items()})
 
 
 R = TypeVar("R", ConfigRecord, ArrayRecord)
@@ -236,8 +242,8 @@ def _template(architecture: Architecture) -> nn.Module:
         return _templates[architecture]
 
 
-Finish = Callable[[StepsResult], RecordDict]
-"""Turn a job's result into its reply's records (and keep its state)."""
+Finish = Callable[[float, float, Mapping[str, torch.Tensor]], MetricRecord]
+"""Turn a job's loss, seconds and buffers into its reply's metrics (and keep state)."""
 
 
 class _Loop:
@@ -246,7 +252,10 @@ class _Loop:
     def steps(
         self, msg: Message, architecture: Architecture, job: StepsJob, finish: Finish
     ) -> Message:
-        return Message(finish(run_steps(_model(architecture), job)), reply_to=msg)
+        result = run_steps(_model(architecture), job)
+        metrics = finish(result.loss, result.seconds, result.buffers)
+        content = RecordDict({_ARRAYS: _arrays(result.weights), _METRICS: metrics})
+        return Message(content, reply_to=msg)
 
 
 class _Deferred:
@@ -254,7 +263,9 @@ class _Deferred:
 
     :meth:`steps` returns the partition's reply at once, without records;
     :meth:`complete`, called once every partition of the block has been called,
-    runs every job (one pass per architecture) and gives each reply its records.
+    runs every job (one pass per architecture) and gives each reply its metrics.
+    The trained weights stay stacked, one array a layer for each pass
+    (:class:`~flwr_alie.evaluation.wire.Stacked`), and travel so.
     """
 
     def __init__(self) -> None:
@@ -267,15 +278,22 @@ class _Deferred:
         self._pending.append((architecture, job, finish, reply))
         return reply
 
-    def complete(self) -> dict[int, BaseException]:
-        """Fill in every collected reply; return the failed ones, by ``id``."""
+    def complete(
+        self, replies: Sequence[Message]
+    ) -> tuple[list[Stacked], dict[int, BaseException]]:
+        """Fill in every collected reply (of `replies`, the block's, in order).
+
+        Return the stacked weights and the failed replies, by ``id``.
+        """
+        position = {id(reply): j for j, reply in enumerate(replies)}
         failed: dict[int, BaseException] = {}
+        stacks: list[Stacked] = []
         by_architecture: dict[Architecture, list[int]] = {}
         for i, (architecture, *_) in enumerate(self._pending):
             by_architecture.setdefault(architecture, []).append(i)
         for architecture, members in by_architecture.items():
             try:
-                results = run_steps_vectorised(
+                passes = run_steps_stacked(
                     _template(architecture),
                     [self._pending[i][1] for i in members],
                     device=architecture[4],
@@ -283,15 +301,46 @@ class _Deferred:
             except Exception as err:  # every job of the pass fails with it
                 failed.update({id(self._pending[i][3]): err for i in members})
                 continue
-            for i, result in zip(members, results, strict=True):
-                _, _, finish, reply = self._pending[i]
-                try:
-                    for name, record in finish(result).items():
-                        reply.content[name] = record
-                except Exception as err:
-                    failed[id(reply)] = err
+            for stacked in passes:
+                rows = []
+                for row, m in enumerate(stacked.members):
+                    _, _, finish, reply = self._pending[members[m]]
+                    buffers = _Row(stacked.buffers, row)
+                    try:
+                        metrics = finish(stacked.losses[row], stacked.seconds, buffers)
+                    except Exception as err:
+                        failed[id(reply)] = err
+                        continue
+                    reply.content[_METRICS] = metrics
+                    if id(reply) in position:  # (a mod that replaced it lost it)
+                        rows.append((row, position[id(reply)]))
+                if rows:  # the weights of those that replied, stacked
+                    kept = [r for r, _ in rows]
+                    whole = len(kept) == len(stacked.members)
+                    layers = {
+                        k: (v if whole else v[kept]).numpy()
+                        for k, v in stacked.weights.items()
+                    }
+                    positions = tuple(p for _, p in rows)
+                    stacks.append(Stacked(_ARRAYS, layers, positions))
         self._pending.clear()
-        return failed
+        return stacks, failed
+
+
+class _Row(Mapping[str, torch.Tensor]):
+    """Row `row` of each stacked tensor, read when asked for."""
+
+    def __init__(self, stacked: Mapping[str, torch.Tensor], row: int) -> None:
+        self._stacked, self._row = stacked, row
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._stacked[key][self._row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stacked)
+
+    def __len__(self) -> int:
+        return len(self._stacked)
 
 
 _LOOP = _Loop()
@@ -322,15 +371,16 @@ def run_block(message: Message, context: Context, inner: ClientApp) -> Message:
         replies = [_call(inner, block, j, contexts[j]) for j in positions]
     finally:
         _trainer.reset(token)
+    stacked: list[Stacked] = []
     if deferred is not None:
-        failed = deferred.complete()
+        stacked, failed = deferred.complete(replies)
         replies = [
             _error_reply(block, j, failed[id(reply)]) if id(reply) in failed else reply
             for j, reply in enumerate(replies)
         ]
     for partition, partition_context in zip(block.partitions, contexts, strict=True):
         _keep_state(context, partition, partition_context.state)
-    return close_block(message, block, replies)
+    return close_block(message, block, replies, stacked)
 
 
 _prepared = threading.Lock()

@@ -8,7 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flwr_alie.config import ALIEConfig
 from flwr_alie.evaluation.client_app import app, minibatch_seed
-from flwr_alie.evaluation.task import load_data, make_model, train, train_steps
+from flwr_alie.evaluation.task import (
+    StepsJob,
+    load_data,
+    make_model,
+    run_steps_vectorised,
+    train,
+    train_steps,
+)
 from flwr_alie.evaluation.wire import (
     TaskOptions,
     open_block,
@@ -195,6 +202,48 @@ def test_a_vectorised_block_equals_the_loop(model):
             assert (la is None) == (lb is None)  # Byzantine partition 3 skips
             if la is not None:
                 assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_a_vectorised_block_sends_the_pass_itself_each_layer_once():
+    start = _model().state_dict()
+    partitions = [0, 2, 3, 7]  # 3 is Byzantine: it skips training
+    config = _config(steps=2, vectorised=True, byzantine=[3])
+    block, messages = _block(start, config, partitions)
+    reply = app(block, _context())
+    # the three trained partitions' weights: one array a layer; 3's own record
+    records = reply.content.array_records
+    assert sorted(records) == ["2/arrays", "stack/0"]
+    assert [a.shape[0] for a in records["stack/0"].values()] == [3] * len(start)
+    replies = split_block_reply(reply, messages, partitions)
+    # exactly the vectorised pass's weights, bit for bit, each its partition's
+    data = load_data("digits", N, "iid", 0.5, 0)
+    jobs = [
+        StepsJob(start, data.partitions[p], steps=2, lr=0.5, batch_size=4,
+                 seed=minibatch_seed(0, 1, p), momentum=0.9)
+        for p in (0, 2, 7)
+    ]  # fmt: skip
+    expected = run_steps_vectorised(_model(), jobs)
+    for result, position in zip(expected, (0, 1, 3), strict=True):
+        got = _arrays(replies[position])
+        assert list(got) == list(start)
+        for key, value in result.weights.items():
+            assert torch.equal(got[key], value), (position, key)
+        loss = replies[position].content.metric_records["metrics"]["train-loss"]
+        assert loss == result.loss
+    assert all(torch.equal(_arrays(replies[2])[k], v) for k, v in start.items())
+
+
+def test_a_vectorised_partition_that_raises_is_its_own_error_and_left_out():
+    start = _model().state_dict()
+    config = _config(steps=1, vectorised=True)
+    block, messages = _block(start, config, [1, 9, 4])  # no partition 9 of N = 8
+    reply = app(block, _context())
+    stack = reply.content.config_records["block"]["stack/0"]
+    assert stack == [0, 2]  # the positions of partitions 1 and 4
+    replies = split_block_reply(reply, messages, [1, 9, 4])
+    assert [r.has_error() for r in replies] == [False, True, False]
+    assert "partition 9" in replies[1].error.reason
+    assert not torch.equal(_arrays(replies[0])["0.weight"], start["0.weight"])
 
 
 def test_local_epochs_when_steps_are_zero():

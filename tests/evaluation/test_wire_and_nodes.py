@@ -1,6 +1,7 @@
 """The wire between the evaluation's apps, its SuperNodes, and Flower's arrays."""
 
 import dataclasses
+import re
 import uuid
 
 import numpy as np
@@ -25,13 +26,17 @@ from flwr_alie.evaluation.client_app import app
 from flwr_alie.evaluation.grid import Cell
 from flwr_alie.evaluation.nodes import BlockGrid, NodeSlots, wait_for_nodes
 from flwr_alie.evaluation.wire import (
+    Block,
+    Stacked,
     TaskOptions,
+    close_block,
+    open_block,
     pack_block,
     partition_node_id,
     row_columns,
     split_block_reply,
 )
-from flwr_alie.params import array_from_numpy, record_from_layers
+from flwr_alie.params import array_from_numpy, arrays_of_rows, record_from_layers
 from tests.flower_helpers import instruction
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -122,6 +127,90 @@ def test_a_failed_block_fails_every_partition_with_its_error():
     assert [r.metadata.reply_to_message_id for r in replies] == [
         m.metadata.message_id for m in messages
     ]
+
+
+def _stacked_reply(partitions, replies, stacked):
+    """The block reply a ClientApp sends: `replies` per partition, `stacked` rows."""
+    messages = _instructions(partitions)
+    block = pack_block(messages, partitions, num_partitions=8, dst_node_id=9)
+    block.metadata.__dict__["_message_id"] = "block"
+    opened = open_block(block)
+    answers = [
+        Message(reply, reply_to=m)
+        for reply, m in zip(replies, opened.messages, strict=True)
+    ]
+    reply = close_block(block, Block(opened.partitions, 8, opened.messages), answers,
+                        stacked)  # fmt: skip
+    return reply, messages
+
+
+def _metrics():
+    return RecordDict({"metrics": MetricRecord({"num-examples": 5})})
+
+
+def test_stacked_layers_come_back_as_each_partitions_own_record():
+    rng = np.random.default_rng(0)
+    layers = {"w": rng.normal(size=(2, 3, 4)).astype(np.float32),
+              "b": rng.normal(size=(2, 4)).astype(np.float64)}  # fmt: skip
+    partitions = [4, 0, 6]
+    replies = [_metrics(), Error(code=7, reason="boom"), _metrics()]
+    # partitions 4 and 6 (positions 0 and 2) trained; their rows travel stacked
+    reply, messages = _stacked_reply(
+        partitions, replies, [Stacked("arrays", layers, (2, 0))]
+    )
+    # one array per layer in the block's reply, not one per partition
+    assert [len(r) for r in reply.content.array_records.values()] == [2]
+    split = split_block_reply(reply, messages, partitions)
+    assert split[1].error.reason == "boom"
+    for position, row in ((2, 0), (0, 1)):
+        got = split[position].content
+        assert got.metric_records["metrics"]["num-examples"] == 5
+        record = got.array_records["arrays"]
+        assert list(record) == ["w", "b"]
+        for key, layer in layers.items():
+            # the same Array, byte for byte, as the partition's own record
+            assert record[key].data == array_from_numpy(layer[row]).data
+            assert tuple(record[key].shape) == layer.shape[1:]
+
+
+@pytest.mark.parametrize(
+    ("header", "stack", "match"),
+    [
+        ({"stack/0": [0, 1]}, {"w": np.zeros((3, 2))}, r"\{'w': \(3,\)\} rows"),
+        ({"stack/0": [0, 1]}, {"w": np.zeros(())}, r"rows for 2 partitions"),
+        ({"stack/0": [0, 0]}, {"w": np.zeros((2, 2))}, r"names positions \[0, 0\]"),
+        ({"stack/0": [0, 5]}, {"w": np.zeros((2, 2))}, r"positions \[0, 5\] of 2"),
+        ({"stack/0": [0, 1]}, None, r"'stack/0' is missing"),
+        ({"stack/0": [0, 1]}, "garbage", r"'stack/0' is unreadable: .*pickled"),
+        ({"stack/0": [0, 1], "stack-names": ["metrics"]}, {"w": np.zeros((2, 1))},
+         r"both send record 'metrics'"),
+    ],
+)  # fmt: skip
+def test_a_malformed_stack_fails_the_partitions_it_names(header, stack, match):
+    partitions = [3, 5]
+    reply, messages = _stacked_reply(
+        partitions, [_metrics(), _metrics()],
+        [Stacked("arrays", {"w": np.zeros((2, 2))}, (0, 1))],
+    )  # fmt: skip
+    content = reply.content  # a hostile node's edits of a well-formed reply
+    del content["stack/0"]
+    if stack == "garbage":
+        garbage = Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
+                        data=b"garbage")  # fmt: skip
+        content["stack/0"] = ArrayRecord({"w": garbage})
+    elif stack is not None:
+        content["stack/0"] = record_from_layers(stack)
+    for key, value in header.items():
+        content.config_records["block"][key] = value
+    split = split_block_reply(reply, messages, partitions)
+    named = sorted(set(header["stack/0"]) & {0, 1})  # the positions it names
+    assert [r.has_error() for r in split] == [j in named for j in (0, 1)]
+    for j in named:
+        reason = split[j].error.reason
+        assert f"the reply of partition {partitions[j]} is malformed" in reason
+        assert re.search(match, reason), reason
+    for j in {0, 1} - set(named):  # the rest of the block is unharmed
+        assert split[j].content.metric_records["metrics"]["num-examples"] == 5
 
 
 def test_a_block_holds_one_message_type():
@@ -283,6 +372,33 @@ def test_arrays_are_serialized_as_flower_serializes_them(array, fortran):
     assert ours.object_id == flowers.object_id
     assert ours.deflate() == flowers.deflate()
     np.testing.assert_array_equal(ours.numpy(), flowers.numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    array=hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.float64, np.int8, np.bool_, ">f4"]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=4),
+    ),
+    layout=st.sampled_from(["C", "F", "strided"]),
+)
+def test_the_rows_of_a_stack_are_the_arrays_flower_makes_of_them(array, layout):
+    if layout == "F":
+        array = np.asfortranarray(array)
+    elif layout == "strided":
+        array = array[::2]
+    rows = arrays_of_rows(array)
+    assert len(rows) == len(array)
+    for ours, row in zip(rows, array, strict=True):
+        flowers = Array(np.asarray(row))  # a 1-d stack's rows: NumPy scalars
+        assert list(ours.__dict__.items()) == list(flowers.__dict__.items())
+        assert ours.object_id == flowers.object_id
+        np.testing.assert_array_equal(ours.numpy(), row)
+
+
+def test_a_stack_needs_rows():
+    with pytest.raises(ValueError, match="0-d array"):
+        arrays_of_rows(np.float32(1.0))
 
 
 @settings(max_examples=60, deadline=None)
